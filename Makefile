@@ -1,0 +1,68 @@
+# latentforge — the two commands a newcomer needs are `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+# The venv is rebuilt only when what it was built from changes (content hash, not mtimes: a fresh clone
+# has new mtimes everywhere).
+REQ_HASH := $(shell cat requirements.txt requirements.lock pyproject.toml 2>/dev/null | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.stamp-$(REQ_HASH)
+I2D_VENV := .venv-img2dataset
+I2D_STAMP := $(I2D_VENV)/.stamp-$(shell sha256sum requirements-img2dataset.txt 2>/dev/null | cut -c1-16)
+
+CONFIG ?= configs/demo.yaml
+NPROC ?= 1
+DEMO_DIR ?= demo
+# Everything the tests and the demo run is offline: tiny models are built locally, data ships in packages.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export DS_ACCELERATOR ?= cpu
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test demo cache train bench lint clean dataset soak
+
+install: $(STAMP) $(I2D_STAMP)
+
+$(STAMP):
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 2; }
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet "pip>=24" "setuptools>=68" wheel
+	$(PY) -m pip install --quiet -r requirements.txt -c requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
+	touch $(STAMP)
+
+# img2dataset pins webdataset<0.3, so it lives beside the main venv, not in it.
+$(I2D_STAMP):
+	rm -rf $(I2D_VENV)
+	$(PYTHON) -m venv $(I2D_VENV)
+	$(I2D_VENV)/bin/python -m pip install --quiet -r requirements-img2dataset.txt
+	touch $(I2D_STAMP)
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: install
+	$(PY) -m ruff check preprocess train shared tests bench
+
+demo: install
+	$(PY) -m latentforge.shared.demo --dir $(DEMO_DIR)
+
+cache: install
+	@if [ "$(NPROC)" -gt 1 ]; then \
+	  $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m latentforge.preprocess --config $(CONFIG) $(ARGS); \
+	else $(VENV)/bin/latentforge cache --config $(CONFIG) $(ARGS); fi
+
+train: install
+	@if [ "$(NPROC)" -gt 1 ]; then \
+	  $(VENV)/bin/deepspeed --num_gpus $(NPROC) --module latentforge.train --config $(CONFIG) $(ARGS); \
+	else $(VENV)/bin/latentforge train --config $(CONFIG) $(ARGS); fi
+
+bench: install
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf $(DEMO_DIR) .cache bench/results/*.json

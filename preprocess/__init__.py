@@ -1,0 +1,1 @@
+"""latentforge.preprocess."""

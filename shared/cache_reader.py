@@ -1,0 +1,291 @@
+"""Reads caches in the format of `cache_format.py`: open, check against a model, fetch rows of a bucket.
+
+Why not plain zarr-python indexing: measured here, zarr-python spends ~8 ms of Python per single-row
+read of a sharded array (129 samples/s, ten times slower than one `.npz` per sample). The format is
+chosen so a row is one byte range: the reader parses each Zarr shard file's index once (the standard
+sharding-codec index at the end of the file, crc32c-checked), then fetches rows with `os.pread` (or an
+fsspec ranged read) and decodes them straight into the output batch. Small fields (sizes, hashes, keys)
+are read whole once per (group, bucket) through zarr-python and kept in memory. Reading the same cache
+with zarr-python gives the same values; the conformance tests check both paths agree.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import google_crc32c
+import numcodecs
+import numpy as np
+import torch
+import zarr
+
+from .cache_format import (
+    CACHE_JSON,
+    COMMIT_JSON,
+    PROMPTS_DIR,
+    SHARDS_DIR,
+    CacheFormatError,
+    CacheSpec,
+    FieldSpec,
+    GroupManifest,
+    bucket_name,
+    describe_mismatch,
+    parse_bucket_name,
+)
+from .storage import Storage
+
+_EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)
+_MAX_COALESCE = 16 << 20
+
+
+@dataclass
+class _RowArray:
+    """A per-row-chunked array of one (group, bucket, field): shard files plus their parsed indexes."""
+
+    rel: str  # path of the array folder, relative to the cache root
+    rows: int
+    shard_rows: int
+    row_shape: tuple[int, ...]
+    dtype: np.dtype
+    decoder: Any  # numcodecs codec or None
+    expected_sizes: Mapping[str, int]
+    indexes: dict[int, np.ndarray]
+
+    def shard_file(self, shard: int) -> str:
+        return f"{self.rel}/c/{shard}" + "/0" * len(self.row_shape)
+
+
+def _decoder_for(codecs: Sequence[Mapping[str, Any]]) -> Any:
+    names = [c["name"] for c in codecs]
+    if names == ["bytes"]:
+        return None
+    if names[:1] == ["bytes"] and len(names) == 2 and names[1] in ("blosc", "zstd"):
+        return numcodecs.Blosc() if names[1] == "blosc" else numcodecs.Zstd()
+    raise CacheFormatError(f"unsupported inner codec chain {names}")
+
+
+class CacheReader:
+    """An opened cache: its spec, committed groups, bucket counts and batched row reads."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.storage = Storage(url, storage_options)
+        self.url = self.storage.url
+        if not self.storage.exists(CACHE_JSON):
+            raise CacheFormatError(f"{self.storage.path(CACHE_JSON)} not found: not a latentforge cache (run the cache job first)")
+        self.spec = CacheSpec.from_json(self.storage.read_text(CACHE_JSON), self.storage.path(CACHE_JSON))
+        self.groups: list[GroupManifest] = []
+        self.stale_groups: list[str] = []
+        for name in self.storage.listdir(SHARDS_DIR):
+            rel = f"{SHARDS_DIR}/{name}/{COMMIT_JSON}"
+            if name.startswith(".") or not self.storage.exists(rel):
+                continue  # in progress or crashed: invisible by contract
+            manifest = GroupManifest.from_json(self.storage.read_text(rel), self.storage.path(rel))
+            if manifest.fingerprint != self.spec.fingerprint:
+                self.stale_groups.append(name)
+                continue
+            self.groups.append(manifest)
+        self._by_id = {g.group_id: g for g in self.groups}
+        # Per bucket: the groups holding it, in a fixed order, and their cumulative row offsets.
+        self._bucket_groups: dict[str, list[str]] = {}
+        self._bucket_offsets: dict[str, np.ndarray] = {}
+        for name in sorted({b for g in self.groups for b in g.bucket_counts}):
+            ids = [g.group_id for g in self.groups if g.bucket_counts.get(name, 0) > 0]
+            self._bucket_groups[name] = ids
+            self._bucket_offsets[name] = np.cumsum([0] + [self._by_id[i].bucket_counts[name] for i in ids])
+        self._row_arrays: dict[tuple[str, str, str], _RowArray] = {}
+        self._small: dict[tuple[str, str, str], np.ndarray] = {}
+
+    # ---- what is in the cache -------------------------------------------------------------------
+    @property
+    def num_samples(self) -> int:
+        return sum(g.num_samples for g in self.groups)
+
+    def bucket_counts(self) -> dict[tuple[int, int], int]:
+        """Committed samples per bucket, (height, width) -> count."""
+        return {parse_bucket_name(b): int(off[-1]) for b, off in self._bucket_offsets.items()}
+
+    def check_compatible(self, *, family: str, latent_channels: int, field_widths: Mapping[str, int] | None = None) -> None:
+        """Raise `CacheMismatchError` (one line naming both sides) unless the cache fits the model.
+
+        `field_widths` maps a field to the size of its last dimension as the model expects it,
+        e.g. {"prompt_embeds": 2048, "pooled_prompt_embeds": 1280}.
+        """
+        if self.spec.family != family:
+            raise describe_mismatch("model family", self.spec.family, family, self.url)
+        if self.spec.latent_channels != latent_channels:
+            raise describe_mismatch("latent channels", self.spec.latent_channels, latent_channels, self.url)
+        names = {f.name for f in self.spec.fields}
+        for name, width in (field_widths or {}).items():
+            if name not in names:
+                raise describe_mismatch(f"field {name}", "no such field", f"width {width}", self.url)
+            have = self.spec.field(name).shape[-1]
+            if have != width:
+                raise describe_mismatch(f"{name} width", have, width, self.url)
+
+    # ---- reading rows -------------------------------------------------------------------------------
+    def locate(self, bucket: tuple[int, int], rows: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Global bucket rows -> (group index into the bucket's group list, row within that group)."""
+        name = bucket_name(bucket)
+        offsets = self._bucket_offsets.get(name)
+        if offsets is None:
+            raise KeyError(f"bucket {name} has no committed samples in {self.url}")
+        r = np.asarray(list(rows) if not isinstance(rows, np.ndarray) else rows, dtype=np.int64)
+        if r.size and (r.min() < 0 or r.max() >= offsets[-1]):
+            raise IndexError(f"bucket {name}: rows must be in [0, {int(offsets[-1])})")
+        g = np.searchsorted(offsets, r, side="right") - 1
+        return g, r - offsets[g]
+
+    def read_rows(self, bucket: tuple[int, int], rows: Sequence[int] | np.ndarray,
+                  fields: Sequence[str] | None = None) -> dict[str, Any]:
+        """Fetch rows of one bucket as a batch: tensors (bfloat16 viewed back from its bits), lists of str."""
+        name = bucket_name(bucket)
+        gidx, local = self.locate(bucket, rows)
+        specs = [self.spec.field(f) for f in fields] if fields is not None else list(self.spec.fields)
+        out: dict[str, Any] = {}
+        for spec in specs:
+            row_shape = spec.row_shape(bucket, self.spec.vae_downsample)
+            if spec.per_row(bucket, self.spec.vae_downsample):
+                arr = np.empty((len(local), *row_shape), dtype=spec.storage_dtype)
+                self._read_row_field(name, spec, gidx, local, arr)
+            else:
+                arr = self._read_small_field(name, spec, gidx, local)
+            out[spec.name] = _to_torch(spec, arr)
+        return out
+
+    def keys(self, bucket: tuple[int, int], rows: Sequence[int]) -> list[str]:
+        return self.read_rows(bucket, rows, fields=["key"])["key"]
+
+    def _read_small_field(self, name: str, spec: FieldSpec, gidx: np.ndarray, local: np.ndarray) -> np.ndarray:
+        groups = self._bucket_groups[name]
+        dtype = object if spec.dtype == "str" else spec.storage_dtype
+        result = np.empty((len(local), *spec.row_shape(parse_bucket_name(name), self.spec.vae_downsample)), dtype=dtype)
+        for gi in np.unique(gidx):
+            key = (groups[gi], name, spec.name)
+            whole = self._small.get(key)
+            if whole is None:
+                store = self.storage.zarr_store(f"{SHARDS_DIR}/{groups[gi]}/{name}/{spec.name}", read_only=True)
+                whole = self._small[key] = np.asarray(zarr.open_array(store, mode="r")[:])
+            mask = gidx == gi
+            result[mask] = whole[local[mask]]
+        return result
+
+    def _row_array(self, group_id: str, name: str, spec: FieldSpec) -> _RowArray:
+        key = (group_id, name, spec.name)
+        ra = self._row_arrays.get(key)
+        if ra is None:
+            rel = f"{SHARDS_DIR}/{group_id}/{name}/{spec.name}"
+            meta = json.loads(self.storage.read_text(f"{rel}/zarr.json"))
+            (codec,) = meta["codecs"]
+            if codec["name"] != "sharding_indexed" or codec["configuration"]["index_location"] != "end":
+                raise CacheFormatError(f"{self.storage.path(rel)}: expected a sharded array with the index at the end")
+            cfg = codec["configuration"]
+            manifest = self._by_id[group_id]
+            prefix = f"{name}/{spec.name}/"
+            ra = _RowArray(
+                rel=rel,
+                rows=int(meta["shape"][0]),
+                shard_rows=int(meta["chunk_grid"]["configuration"]["chunk_shape"][0]),
+                row_shape=tuple(meta["shape"][1:]),
+                dtype=np.dtype(meta["data_type"]).newbyteorder("<"),
+                decoder=_decoder_for(cfg["codecs"]),
+                expected_sizes={k[len(prefix):]: v for k, v in manifest.files.items() if k.startswith(prefix)},
+                indexes={},
+            )
+            self._row_arrays[key] = ra
+        return ra
+
+    def _shard_index(self, ra: _RowArray, shard: int) -> np.ndarray:
+        index = ra.indexes.get(shard)
+        if index is None:
+            rel = ra.shard_file(shard)
+            inner = rel[len(ra.rel) + 1:]
+            size = self.storage.file_size(rel) if inner in ra.expected_sizes else -1
+            if size != ra.expected_sizes.get(inner, -2):
+                raise CacheFormatError(
+                    f"{self.storage.path(rel)}: size {size} does not match the committed size "
+                    f"{ra.expected_sizes.get(inner)}; the shard was modified or deleted after commit, re-run the cache job"
+                )
+            nbytes = ra.shard_rows * 16 + 4
+            raw = self.storage.read_range(rel, size - nbytes, nbytes)
+            if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+                raise CacheFormatError(f"{self.storage.path(rel)}: shard index checksum mismatch; the file is corrupt")
+            index = np.frombuffer(raw[:-4], dtype="<u8").reshape(ra.shard_rows, 2)
+            ra.indexes[shard] = index
+        return index
+
+    def _read_row_field(self, name: str, spec: FieldSpec, gidx: np.ndarray, local: np.ndarray, out: np.ndarray) -> None:
+        groups = self._bucket_groups[name]
+        # (file, offset, nbytes, out position) for every row, then sorted so neighbours coalesce.
+        requests: list[tuple[str, int, int, int, _RowArray]] = []
+        for pos, (gi, lr) in enumerate(zip(gidx, local, strict=True)):
+            ra = self._row_array(groups[gi], name, spec)
+            shard, within = divmod(int(lr), ra.shard_rows)
+            offset, nbytes = self._shard_index(ra, shard)[within]
+            if offset == _EMPTY:
+                out[pos] = 0
+                continue
+            requests.append((ra.shard_file(shard), int(offset), int(nbytes), pos, ra))
+        requests.sort(key=lambda r: (r[0], r[1]))
+        i = 0
+        while i < len(requests):
+            j = i + 1
+            while (j < len(requests) and requests[j][0] == requests[i][0]
+                   and requests[j][1] == requests[j - 1][1] + requests[j - 1][2]
+                   and requests[j][1] + requests[j][2] - requests[i][1] <= _MAX_COALESCE):
+                j += 1
+            start = requests[i][1]
+            blob = self.storage.read_range(requests[i][0], start, requests[j - 1][1] + requests[j - 1][2] - start)
+            for _file, offset, nbytes, pos, ra in requests[i:j]:
+                chunk = memoryview(blob)[offset - start: offset - start + nbytes]
+                target = out[pos]
+                if ra.decoder is None:
+                    target[...] = np.frombuffer(chunk, dtype=ra.dtype).reshape(target.shape)
+                elif isinstance(ra.decoder, numcodecs.Blosc):
+                    ra.decoder.decode(chunk, out=target)
+                else:
+                    target[...] = np.frombuffer(ra.decoder.decode(chunk), dtype=ra.dtype).reshape(target.shape)
+            i = j
+
+    # ---- prompts and integrity ------------------------------------------------------------------
+    def prompts(self) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
+        """(empty-prompt fields with a leading dim of 1, validation prompts, their fields)."""
+        if not self.storage.exists(f"{PROMPTS_DIR}/{COMMIT_JSON}"):
+            raise CacheFormatError(f"{self.storage.path(PROMPTS_DIR)} is missing or incomplete; re-run the cache job")
+        root = zarr.open_group(self.storage.zarr_store(PROMPTS_DIR, read_only=True), mode="r")
+        prompts = list(root.attrs["prompts"])
+        result = []
+        for sub in ("empty", "validation"):
+            g = root[sub]
+            result.append({name: _to_torch(self.spec.field(name), np.asarray(g[name][:])) for name in sorted(g.array_keys())})
+        return result[0], prompts, result[1]
+
+    def verify(self, checksums: bool = False) -> list[str]:
+        """Problems found in committed groups (missing/resized files; crc32 when `checksums`), one line each."""
+        problems = []
+        for g in self.groups:
+            have = self.storage.file_sizes(f"{SHARDS_DIR}/{g.group_id}")
+            for rel, size in g.files.items():
+                where = self.storage.path(f"{SHARDS_DIR}/{g.group_id}/{rel}")
+                if rel not in have:
+                    problems.append(f"{where}: missing (shard {g.group_id})")
+                elif have[rel] != size:
+                    problems.append(f"{where}: {have[rel]} bytes, committed {size} (shard {g.group_id})")
+                elif checksums and rel in g.checksums:
+                    crc = zlib.crc32(self.storage.read_bytes(f"{SHARDS_DIR}/{g.group_id}/{rel}"))
+                    if crc != g.checksums[rel]:
+                        problems.append(f"{where}: checksum mismatch (shard {g.group_id})")
+        return problems
+
+    def close(self) -> None:
+        self.storage.close()
+
+
+def _to_torch(spec: FieldSpec, arr: np.ndarray) -> Any:
+    if spec.dtype == "str":
+        return [str(x) for x in arr]
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    return t.view(torch.bfloat16) if spec.dtype == "bfloat16" else t

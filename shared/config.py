@@ -1,0 +1,315 @@
+"""The one typed, validated config both stages read.
+
+A run is described by one YAML file with the sections `model`, `data`, `buckets`, `upscale`, `cache`,
+`train` and `deepspeed`, plus dotted command-line overrides (`train.lr=1e-5`). Every field is declared
+here with its type, bounds and a description; unknown keys, wrong types and impossible values are
+rejected before any work starts with a single line naming the key path (`ConfigError`).
+
+Why pydantic rather than plain dataclasses: it gives strict typing, `extra="forbid"` and per-field
+descriptions for free, and DeepSpeed already depends on it, so it costs no extra install.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+FAMILIES = ("sdxl", "sd1", "sd2", "pixart_sigma", "sana")
+Family = Literal["sdxl", "sd1", "sd2", "pixart_sigma", "sana"]
+StoreDtype = Literal["bfloat16", "float16"]
+ComputeDtype = Literal["float32", "bfloat16", "float16"]
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line that names the key path and what was expected."""
+
+
+class _Section(BaseModel):
+    # Strict: a misspelt key must fail loudly, and "1e-5" in YAML must not silently become a string.
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+
+
+class ModelConfig(_Section):
+    pretrained: str = Field(
+        description="Hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0) or local diffusers pipeline folder."
+    )
+    family: Family = Field(default="sdxl", description="Model family: " + ", ".join(FAMILIES) + ".")
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit) to pin.")
+    variant: str | None = Field(default=None, description="Weight variant to load, e.g. fp16.")
+    vae: str | None = Field(
+        default=None, description="Optional separate VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix."
+    )
+
+
+class MetadataFilter(_Section):
+    field: str = Field(description="Key in the sample's json metadata, e.g. aesthetic_score.")
+    op: Literal[">", ">=", "<", "<=", "==", "!=", "in", "not in"] = Field(description="Comparison operator.")
+    value: Any = Field(description="Right-hand side; a list for in / not in.")
+
+
+class SourceConfig(_Section):
+    type: Literal["webdataset", "folder"] = Field(
+        description="webdataset: img2dataset-style tar shards; folder: images with .txt/.json sidecars."
+    )
+    path: str = Field(
+        description="Tar glob / brace range / URL (http(s)://, s3://) for webdataset; a directory for folder."
+    )
+    caption_field: str = Field(
+        default="txt", description="Where the caption lives: 'txt' (sidecar/member) or a key of the json metadata."
+    )
+    repeats: int = Field(default=1, ge=1, description="How many times each sample appears per training epoch.")
+    shard_size: int = Field(
+        default=1000, ge=1, description="Folder sources: images per virtual shard (sorted listing)."
+    )
+    filters: list[MetadataFilter] = Field(default_factory=list, description="Declarative json-metadata filters.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options (e.g. endpoint_url for R2). Never put keys here: use the environment.",
+    )
+
+    @model_validator(mode="after")
+    def _no_secrets(self) -> SourceConfig:
+        secret = {"key", "secret", "aws_access_key_id", "aws_secret_access_key", "token", "password"}
+        bad = sorted(secret & {k.lower() for k in self.storage_options})
+        if bad:
+            raise ValueError(
+                f"storage_options.{bad[0]}: credentials must come from the environment or a credentials "
+                "file, not the config (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
+            )
+        return self
+
+
+class DataConfig(_Section):
+    sources: list[SourceConfig] = Field(min_length=1, description="Input datasets, cached together.")
+    validation_prompts: list[str] = Field(
+        default_factory=list, description="Prompts cached with the dataset, used for validation images."
+    )
+
+
+class BucketsConfig(_Section):
+    resolutions: list[int] = Field(
+        default=[1024], min_length=1, description="Target resolutions; each bucket has area close to res**2."
+    )
+    step: int = Field(default=64, ge=8, description="Bucket sides are multiples of this (pixels).")
+    min_aspect: float = Field(default=0.25, gt=0, description="Smallest width/height ratio of a bucket.")
+    max_aspect: float = Field(default=4.0, gt=0, description="Largest width/height ratio of a bucket.")
+    min_resolution: int = Field(default=0, ge=0, description="Skip images whose shorter side is below this.")
+    crop: Literal["center", "random"] = Field(
+        default="center", description="Crop after cover-resize; random is seeded by the sample key."
+    )
+
+    @model_validator(mode="after")
+    def _aspect_order(self) -> BucketsConfig:
+        if self.min_aspect > self.max_aspect:
+            raise ValueError(f"min_aspect ({self.min_aspect}) must be <= max_aspect ({self.max_aspect})")
+        for r in self.resolutions:
+            if r < self.step or r % self.step:
+                raise ValueError(f"resolutions: {r} must be a positive multiple of step ({self.step})")
+        return self
+
+
+class UpscaleConfig(_Section):
+    enabled: bool = Field(default=True, description="Upscale images smaller than their bucket.")
+    threshold: float = Field(
+        default=1.0, ge=1.0, description="Upscale when the bucket needs more than this resize factor."
+    )
+    model_path: str | None = Field(
+        default=None, description="Real-ESRGAN .pth (e.g. RealESRGAN_x4plus.pth); absent -> Lanczos fallback."
+    )
+    face_model_path: str | None = Field(default=None, description="GFPGAN .pth for face restoration (optional).")
+    tile: int = Field(default=256, ge=32, description="Tile size in pixels so large images fit in memory.")
+    tile_pad: int = Field(default=16, ge=0, description="Overlap between tiles, in pixels.")
+
+
+class CacheConfig(_Section):
+    path: str = Field(description="Where the cache lives: a local path or an fsspec URL (s3://bucket/prefix).")
+    latent_mode: Literal["mean", "dist"] = Field(
+        default="mean", description="mean: posterior mean only; dist: mean and std (sample fresh each step)."
+    )
+    store_dtype: StoreDtype = Field(default="bfloat16", description="On-disk dtype of latents and embeddings.")
+    vae_dtype: ComputeDtype = Field(
+        default="float32", description="VAE compute dtype (the SDXL VAE overflows in float16)."
+    )
+    text_dtype: ComputeDtype = Field(default="float32", description="Text-encoder compute dtype.")
+    batch_size: int = Field(default=8, ge=1, description="Images per VAE batch (per bucket).")
+    max_pixels: int = Field(
+        default=178_956_970, ge=1, description="Decompression-bomb limit: images with more pixels are skipped."
+    )
+    flip: bool = Field(default=False, description="Also cache the horizontally flipped image.")
+    clip_skip: int = Field(default=0, ge=0, description="Extra text-encoder layers to skip (0 = family default).")
+    max_tokens: int = Field(
+        default=77, ge=77, description="Prompt length; >77 encodes 75-token windows (e.g. 150, 225)."
+    )
+    codec: Literal["blosc-lz4", "blosc-zstd", "zstd", "none"] = Field(
+        default="blosc-lz4", description="Compression of tensor chunks (blosc shuffles bytes first)."
+    )
+    shard_rows: int = Field(
+        default=256, ge=1, description="Rows per Zarr shard file of a bucket array (rows are chunks inside it)."
+    )
+
+
+class TrainConfig(_Section):
+    output_dir: str = Field(description="Checkpoints, TensorBoard logs and exports go here.")
+    max_steps: int = Field(gt=0, description="Optimizer steps to train.")
+    seed: int = Field(default=0, ge=0, description="Seed for sample order, noise and dropout.")
+    lr: float = Field(default=1e-5, gt=0, description="Peak learning rate.")
+    micro_batch_size: int = Field(default=1, ge=1, description="Samples per rank per forward pass.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
+
+
+class Config(_Section):
+    """A whole run. Both stages read the same file; each ignores sections it does not need."""
+
+    model: ModelConfig
+    data: DataConfig
+    buckets: BucketsConfig = Field(default_factory=BucketsConfig)
+    upscale: UpscaleConfig = Field(default_factory=UpscaleConfig)
+    cache: CacheConfig
+    train: TrainConfig
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict, description="Passed to DeepSpeed (zero_optimization, bf16, ...); validated there."
+    )
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node: Any = tree
+    parts = dotted.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {dotted}: {'.'.join(parts[: i + 1])} is not a valid list index")
+            node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {'.'.join(parts[:i])} is not a section")
+        node = node.setdefault(part, {})
+        if node is None:
+            node = tree[part] = {}
+    last = parts[-1]
+    if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"override {dotted}: cannot set {last} here")
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Split `key.path=value` strings; values are parsed as YAML scalars (`1e-5`, `true`, `[1, 2]`)."""
+    pairs = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or key.startswith(".") or key.endswith("."):
+            raise ConfigError(f"override {item!r}: expected key.path=value, e.g. train.lr=1e-5")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({exc.__class__.__name__})") from None
+        pairs.append((key, value))
+    return pairs
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Valid keys of the section a validation error points into, for did-you-mean hints."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        for arg in (*getattr(ann, "__args__", ()), ann):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                current = arg
+                break
+        else:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "<root>"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        valid = _fields_at(Config, loc)
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
+        msg = f"unknown key; {hint}"
+    elif kind == "missing":
+        msg = "required key is missing"
+    else:
+        got = err.get("input")
+        msg = err["msg"].removeprefix("Value error, ")
+        if kind != "value_error" and not isinstance(got, dict | list):
+            msg += f", got {got!r}"
+    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"config error in {source}: {path}: {msg}{more}"
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config, apply dotted overrides and validate it.
+
+    Raises `ConfigError` with one line naming the file, the key path and what was expected.
+    """
+    tree: dict[str, Any] = {}
+    source = str(path) if path is not None else "<overrides>"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found; pass --config with a YAML file (see configs/)")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config error in {p}{where}: not valid YAML") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config error in {p}: the top level must be a mapping of sections")
+        tree = loaded or {}
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+        source = f"{source} + overrides" if "overrides" not in source else source
+    try:
+        return Config.model_validate(tree, strict=False)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None
+
+
+def describe_config() -> str:
+    """Every key with its type, default and description: the text behind `--help-config`."""
+    lines: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            key = f"{prefix}{name}"
+            ann = field.annotation
+            sub = next(
+                (a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)),
+                None,
+            )
+            if sub is not None and getattr(ann, "__origin__", None) is list:
+                lines.append(f"{key}: list of entries — {field.description or ''}".rstrip(" —"))
+                walk(sub, f"{key}[].")
+            elif sub is not None:
+                lines.append(f"{key}:")
+                walk(sub, f"{key}.")
+            else:
+                tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+                default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
+                lines.append(f"  {key} ({tname}; {default}): {field.description or ''}")
+
+    walk(Config, "")
+    return "\n".join(lines)
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """A plain, JSON-able snapshot (for checkpoints and the cache fingerprint)."""
+    return config.model_dump(mode="json")

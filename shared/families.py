@@ -1,0 +1,77 @@
+"""Per-family facts both stages need: what is cached, in which shapes, with which latent geometry.
+
+A family's text-field widths come from the model's own configs (so a tiny test model and the real
+model go through the same code); everything else that differs between families is a constant here.
+Adding a family means adding one `FamilyFacts` entry and its `text_fields` rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .cache_format import FieldSpec, common_fields
+
+
+@dataclass(frozen=True)
+class FamilyFacts:
+    """Constants of a model family."""
+
+    name: str
+    vae_downsample: int  # pixels per latent cell; bucket sides must be multiples of it
+    bucket_step: int  # default bucket side step in pixels (the denoiser's own downsampling times the VAE's)
+    has_pooled: bool  # a pooled text embedding conditions the model (SDXL)
+    has_text_mask: bool  # the text embedding travels with an attention mask (T5, Gemma)
+    micro_conditioning: bool  # SDXL-style add_time_ids from original size, crop and target size
+    text_max_tokens: int  # tokens per prompt window the family was trained with
+
+
+FAMILY_FACTS: dict[str, FamilyFacts] = {
+    "sdxl": FamilyFacts("sdxl", 8, 64, has_pooled=True, has_text_mask=False, micro_conditioning=True, text_max_tokens=77),
+    "sd1": FamilyFacts("sd1", 8, 64, has_pooled=False, has_text_mask=False, micro_conditioning=False, text_max_tokens=77),
+    "sd2": FamilyFacts("sd2", 8, 64, has_pooled=False, has_text_mask=False, micro_conditioning=False, text_max_tokens=77),
+    "pixart_sigma": FamilyFacts("pixart_sigma", 8, 64, has_pooled=False, has_text_mask=True, micro_conditioning=False, text_max_tokens=300),
+    "sana": FamilyFacts("sana", 32, 32, has_pooled=False, has_text_mask=True, micro_conditioning=False, text_max_tokens=300),
+}
+
+
+def family_facts(family: str) -> FamilyFacts:
+    try:
+        return FAMILY_FACTS[family]
+    except KeyError:
+        raise ValueError(f"model.family {family!r} is not one of {', '.join(FAMILY_FACTS)}") from None
+
+
+def cached_fields(
+    family: str,
+    *,
+    latent_channels: int,
+    latent_mode: str,
+    store_dtype: str,
+    text_tokens: int,
+    text_dim: int,
+    pooled_dim: int | None = None,
+) -> tuple[FieldSpec, ...]:
+    """The fields a cache of this family holds, in order."""
+    facts = family_facts(family)
+    fields = [FieldSpec("latent_mean", (latent_channels, "h", "w"), store_dtype, "VAE posterior mean, unscaled")]
+    if latent_mode == "dist":
+        fields.append(FieldSpec("latent_std", (latent_channels, "h", "w"), store_dtype, "VAE posterior std, unscaled"))
+    fields.append(FieldSpec("prompt_embeds", (text_tokens, text_dim), store_dtype, "text-encoder hidden states"))
+    if facts.has_pooled:
+        if not pooled_dim:
+            raise ValueError(f"family {family} needs a pooled embedding width")
+        fields.append(FieldSpec("pooled_prompt_embeds", (pooled_dim,), store_dtype, "pooled text embedding"))
+    if facts.has_text_mask:
+        fields.append(FieldSpec("prompt_mask", (text_tokens,), "uint8", "1 for real tokens, 0 for padding"))
+    return (*fields, *common_fields())
+
+
+def text_field_names(family: str) -> tuple[str, ...]:
+    """The fields that depend only on the caption (cached once more for the empty and validation prompts)."""
+    facts = family_facts(family)
+    names = ["prompt_embeds"]
+    if facts.has_pooled:
+        names.append("pooled_prompt_embeds")
+    if facts.has_text_mask:
+        names.append("prompt_mask")
+    return tuple(names)

@@ -1,0 +1,163 @@
+"""Where a cache lives: a local folder or an fsspec URL, behind the few operations the format needs.
+
+Local disks get the fast, crash-safe paths (atomic replace, directory rename, `os.pread` on kept file
+descriptors); object stores get fsspec with the commit-marker protocol instead of renames.
+Credentials never pass through here as arguments from the config: fsspec/botocore read them from the
+environment or a credentials file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+
+class Storage:
+    """A root location plus the operations the cache format uses, relative to it."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url.rstrip("/") if "://" in url else str(Path(url).absolute())
+        protocol = url.split("://", 1)[0] if "://" in url else "file"
+        self.is_local = protocol in ("file", "local")
+        if self.is_local:
+            self.url = self.url.removeprefix("file://")
+        self.fs = fsspec.filesystem(protocol, **(storage_options or {}))
+        self.storage_options = storage_options or {}
+        self._fds: dict[str, int] = {}
+        self._fd_lock = threading.Lock()
+
+    def path(self, rel: str = "") -> str:
+        return f"{self.url}/{rel}" if rel else self.url
+
+    def exists(self, rel: str) -> bool:
+        return os.path.exists(self.path(rel)) if self.is_local else self.fs.exists(self.path(rel))
+
+    def read_bytes(self, rel: str) -> bytes:
+        if self.is_local:
+            return Path(self.path(rel)).read_bytes()
+        return self.fs.cat_file(self.path(rel))
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode("utf-8")
+
+    def write_text_atomic(self, rel: str, text: str) -> None:
+        """Readers see the old content or the new one, never a torn write."""
+        target = self.path(rel)
+        if not self.is_local:
+            self.fs.pipe_file(target, text.encode("utf-8"))
+            return
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(os.path.dirname(target))
+
+    def listdir(self, rel: str) -> list[str]:
+        """Names (not paths) of entries directly under `rel`; empty if it does not exist."""
+        base = self.path(rel)
+        if self.is_local:
+            return sorted(os.listdir(base)) if os.path.isdir(base) else []
+        try:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False))
+        except FileNotFoundError:
+            return []
+
+    def file_sizes(self, rel: str) -> dict[str, int]:
+        """Every file under `rel` with its size, keyed by path relative to `rel`."""
+        base = self.path(rel)
+        out: dict[str, int] = {}
+        if self.is_local:
+            for d, _, files in os.walk(base):
+                for name in files:
+                    full = os.path.join(d, name)
+                    out[os.path.relpath(full, base)] = os.path.getsize(full)
+            return out
+        for full, info in self.fs.find(base, detail=True).items():
+            out[full[len(base.split("://", 1)[-1]) :].lstrip("/")] = int(info["size"])
+        return out
+
+    def remove_tree(self, rel: str) -> None:
+        target = self.path(rel)
+        if self.is_local:
+            shutil.rmtree(target, ignore_errors=True)
+        elif self.fs.exists(target):
+            self.fs.rm(target, recursive=True)
+
+    def remove_file(self, rel: str) -> None:
+        target = self.path(rel)
+        if self.is_local:
+            if os.path.exists(target):
+                os.remove(target)
+        elif self.fs.exists(target):
+            self.fs.rm_file(target)
+
+    def rename_dir(self, src: str, dst: str) -> None:
+        """Atomic on local disks: the group appears at its final name complete or not at all."""
+        assert self.is_local, "object stores use the commit marker, not renames"
+        os.rename(self.path(src), self.path(dst))
+        _fsync_dir(os.path.dirname(self.path(dst)))
+
+    def zarr_store(self, rel: str, read_only: bool = False) -> Any:
+        from zarr.storage import FsspecStore, LocalStore
+
+        if self.is_local:
+            return LocalStore(self.path(rel), read_only=read_only)
+        return FsspecStore.from_url(self.path(rel), storage_options=self.storage_options, read_only=read_only)
+
+    def read_range(self, rel: str, start: int, length: int) -> bytes:
+        """Bytes [start, start+length) of a file; the hot path of the reader."""
+        if not self.is_local:
+            return self.fs.cat_file(self.path(rel), start=start, end=start + length)
+        fd = self._fds.get(rel)
+        if fd is None:
+            with self._fd_lock:
+                fd = self._fds.get(rel)
+                if fd is None:
+                    fd = os.open(self.path(rel), os.O_RDONLY)
+                    self._fds[rel] = fd
+        data = os.pread(fd, length, start)
+        if len(data) != length:
+            raise OSError(f"{self.path(rel)}: short read ({len(data)} of {length} bytes at {start}); file truncated?")
+        return data
+
+    def file_size(self, rel: str) -> int:
+        if self.is_local:
+            return os.path.getsize(self.path(rel))
+        return int(self.fs.size(self.path(rel)))
+
+    def close(self) -> None:
+        with self._fd_lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # File descriptors do not survive pickling into DataLoader workers; each worker opens its own.
+        state = self.__dict__.copy()
+        state["_fds"] = {}
+        state["_fd_lock"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._fd_lock = threading.Lock()
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
