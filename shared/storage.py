@@ -81,8 +81,9 @@ class Storage:
                     full = os.path.join(d, name)
                     out[os.path.relpath(full, base)] = os.path.getsize(full)
             return out
+        root = self.fs._strip_protocol(base).rstrip("/")
         for full, info in self.fs.find(base, detail=True).items():
-            out[full[len(base.split("://", 1)[-1]) :].lstrip("/")] = int(info["size"])
+            out[full[len(root) :].lstrip("/")] = int(info["size"])
         return out
 
     def remove_tree(self, rel: str) -> None:
