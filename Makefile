@@ -10,6 +10,9 @@ STAMP := $(VENV)/.stamp-$(REQ_HASH)
 I2D_VENV := .venv-img2dataset
 I2D_STAMP := $(I2D_VENV)/.stamp-$(shell sha256sum requirements-img2dataset.txt 2>/dev/null | cut -c1-16)
 
+# pip warns once per package about this machine's local index folders; keep real errors visible.
+QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
 CONFIG ?= configs/demo.yaml
 NPROC ?= 1
 DEMO_DIR ?= demo
@@ -30,7 +33,7 @@ $(STAMP):
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet "pip>=24" "setuptools>=68" wheel
-	$(PY) -m pip install --quiet -r requirements.txt -c requirements.lock
+	set -o pipefail; $(PY) -m pip install --quiet -r requirements.txt -c requirements.lock 2>&1 | $(QUIET_PIP)
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(PY) -m pip check
 	touch $(STAMP)
@@ -39,7 +42,7 @@ $(STAMP):
 $(I2D_STAMP):
 	rm -rf $(I2D_VENV)
 	$(PYTHON) -m venv $(I2D_VENV)
-	$(I2D_VENV)/bin/python -m pip install --quiet -r requirements-img2dataset.txt
+	set -o pipefail; $(I2D_VENV)/bin/python -m pip install --quiet -r requirements-img2dataset.txt 2>&1 | $(QUIET_PIP)
 	touch $(I2D_STAMP)
 
 test: install

@@ -1,0 +1,213 @@
+"""The frozen encoders of the cache job: the VAE and each family's text encoders.
+
+Models load once per process, in eval mode, without gradients, on the process's own device. A family's
+text side is one small adapter class (`SdxlText`); adding a family adds one class to `TEXT_ADAPTERS`.
+Encoding a batch that runs out of memory is retried in halves before a sample is given up on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latentforge.shared.config import Config
+
+log = logging.getLogger(__name__)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def run_halving_on_oom(fn: Callable[[Any], dict[str, torch.Tensor]], items: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """Run `fn` on the whole batch; on OOM, split it in halves (down to single items) and concatenate.
+
+    A single item that still runs out of memory raises: the caller skips that sample with a reason.
+    """
+    try:
+        return fn(items)
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+        if not _is_oom(exc) or len(items) <= 1:
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        mid = len(items) // 2
+        log.warning("out of memory on a batch of %d, retrying as %d + %d", len(items), mid, len(items) - mid)
+        a, b = run_halving_on_oom(fn, items[:mid]), run_halving_on_oom(fn, items[mid:])
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+def _load_kwargs(config: Config, dtype: torch.dtype) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    if config.model.revision:
+        kwargs["revision"] = config.model.revision
+    if config.model.variant:
+        kwargs["variant"] = config.model.variant
+    return kwargs
+
+
+def _is_local(path: str) -> bool:
+    return os.path.isdir(path)
+
+
+class VaeEncoder:
+    """Encodes pixel batches in [-1, 1] to the VAE posterior (mean, std) in the VAE's native space."""
+
+    def __init__(self, config: Config, device: torch.device) -> None:
+        from diffusers import AutoencoderKL
+
+        dtype = _DTYPES[config.cache.vae_dtype]
+        source = config.model.vae or config.model.pretrained
+        kwargs = _load_kwargs(config, dtype)
+        if config.model.vae and not _is_local(config.model.vae):
+            kwargs.pop("variant", None)  # a standalone VAE repo rarely has the pipeline's variant files
+        subfolder = None if config.model.vae else "vae"
+        self.model = AutoencoderKL.from_pretrained(source, subfolder=subfolder, **kwargs).to(device).eval()
+        self.model.requires_grad_(False)
+        self.device, self.dtype = device, dtype
+        cfg = self.model.config
+        self.latent_channels = int(cfg.latent_channels)
+        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+        self.scaling_factor = float(cfg.scaling_factor)
+        self.shift_factor = None if getattr(cfg, "shift_factor", None) is None else float(cfg.shift_factor)
+
+    @torch.inference_mode()
+    def _encode(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        dist = self.model.encode(pixels.to(self.device, self.dtype)).latent_dist
+        return {"latent_mean": dist.mean.float().cpu(), "latent_std": dist.std.float().cpu()}
+
+    def encode(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, 3, H, W) in [-1, 1] -> {"latent_mean", "latent_std"}, each (B, C, H/f, W/f) float32 on CPU."""
+        return run_halving_on_oom(lambda chunk: self._encode(torch.stack(list(chunk))), list(pixels))
+
+
+def token_windows(max_tokens: int, window: int = 77) -> int:
+    """Number of 77-token windows a `max_tokens` prompt is encoded in (75 content tokens each)."""
+    return max(1, math.ceil((max_tokens - 2) / (window - 2)))
+
+
+class SdxlText:
+    """SDXL text side: both CLIP encoders' penultimate hidden states concatenated, pooled from the second.
+
+    `clip_skip` moves further up from the penultimate layer. Prompts longer than 77 tokens are split
+    into 75-token windows, each wrapped with BOS/EOS and encoded separately, then concatenated along the
+    sequence (as kohya sd-scripts and A1111 do); the pooled embedding comes from the first window.
+    """
+
+    def __init__(self, config: Config, device: torch.device) -> None:
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        dtype = _DTYPES[config.cache.text_dtype]
+        src, kwargs = config.model.pretrained, _load_kwargs(config, dtype)
+        tok_kwargs = {"revision": config.model.revision} if config.model.revision else {}
+        self.tokenizers = [CLIPTokenizer.from_pretrained(src, subfolder=s, **tok_kwargs) for s in ("tokenizer", "tokenizer_2")]
+        self.encoders = [
+            CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **kwargs).to(device).eval(),
+            CLIPTextModelWithProjection.from_pretrained(src, subfolder="text_encoder_2", **kwargs).to(device).eval(),
+        ]
+        for enc in self.encoders:
+            enc.requires_grad_(False)
+        self.device = device
+        self.windows = token_windows(config.cache.max_tokens)
+        self.clip_skip = config.cache.clip_skip
+        self.text_dim = sum(int(e.config.hidden_size) for e in self.encoders)
+        self.pooled_dim = int(self.encoders[1].config.projection_dim)
+        self.tokens = 77 * self.windows
+
+    def _tokenize(self, tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
+        """(B, windows, 77) ids: 75 content tokens per window, each window framed by BOS ... EOS/pad."""
+        body = 75 * self.windows
+        ids = tokenizer(list(captions), add_special_tokens=False, truncation=True, max_length=body).input_ids
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        out = torch.full((len(captions), self.windows, 77), pad, dtype=torch.long)
+        for i, seq in enumerate(ids):
+            for w in range(self.windows):
+                chunk = seq[w * 75:(w + 1) * 75]
+                row = [bos, *chunk, eos]
+                out[i, w, : len(row)] = torch.tensor(row)
+        return out
+
+    @torch.inference_mode()
+    def _encode_unique(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.encoders, strict=True):
+            ids = self._tokenize(tokenizer, captions)
+            b = ids.shape[0]
+            out = encoder(ids.view(b * self.windows, 77).to(self.device), output_hidden_states=True)
+            h = out.hidden_states[-(2 + self.clip_skip)]
+            hidden.append(h.reshape(b, self.windows * 77, -1).float().cpu())
+            if isinstance(out, dict) and "text_embeds" in out:
+                pooled = out["text_embeds"].reshape(b, self.windows, -1)[:, 0].float().cpu()
+        assert pooled is not None
+        return {"prompt_embeds": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": pooled}
+
+    def encode(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Captions -> {"prompt_embeds": (B, T, D), "pooled_prompt_embeds": (B, P)}; duplicates encoded once."""
+        unique = list(dict.fromkeys(captions))
+        enc = run_halving_on_oom(self._encode_unique, unique)
+        where = [unique.index(c) for c in captions] if len(unique) != len(captions) else list(range(len(captions)))
+        return {k: v[where] for k, v in enc.items()}
+
+    def field_widths(self) -> dict[str, int]:
+        return {"prompt_embeds": self.text_dim, "pooled_prompt_embeds": self.pooled_dim}
+
+
+TEXT_ADAPTERS: dict[str, type] = {"sdxl": SdxlText}
+
+
+def load_text_encoder(config: Config, device: torch.device) -> SdxlText:
+    try:
+        cls = TEXT_ADAPTERS[config.model.family]
+    except KeyError:
+        raise ValueError(
+            f"model.family {config.model.family!r}: the cache job supports {', '.join(TEXT_ADAPTERS)} so far"
+        ) from None
+    return cls(config, device)
+
+
+_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASH_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _HASH_CACHE[key] = h.hexdigest()
+    return _HASH_CACHE[key]
+
+
+def model_identity(config: Config) -> dict[str, Any]:
+    """What the cached tensors depend on in the model: weight hashes for local folders, id+revision on the hub.
+
+    Only the encoders count (VAE, text encoders, tokenizers): swapping the UNet must not invalidate a cache.
+    """
+    def one(src: str, subfolders: Sequence[str]) -> dict[str, Any]:
+        if not _is_local(src):
+            return {"hub_id": src, "revision": config.model.revision or "main", "variant": config.model.variant}
+        files = {}
+        for sub in subfolders:
+            base = Path(src) / sub if sub else Path(src)
+            for p in sorted(base.glob("*")):
+                if p.is_file() and p.suffix in (".safetensors", ".bin", ".json", ".txt", ".model"):
+                    files[f"{sub}/{p.name}" if sub else p.name] = _file_sha256(p)
+        if not files:
+            raise FileNotFoundError(f"model.pretrained: {src} holds no weights under {', '.join(subfolders)}")
+        return {"files": files}
+
+    text_subfolders = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    ident = {"text": one(config.model.pretrained, text_subfolders)}
+    ident["vae"] = one(config.model.vae, ("",)) if config.model.vae else one(config.model.pretrained, ("vae",))
+    return ident
