@@ -67,5 +67,10 @@ train: install
 bench: install
 	$(PY) -m bench.run_all
 
+# Download a url list (csv: url,caption[,more columns]) into img2dataset tar shards; see docs/data-sources.md.
+dataset: install
+	@test -n "$(URLS)" -a -n "$(OUT)" || { echo "usage: make dataset URLS=urls.csv OUT=data/my-crawl [ARGS='--processes 4 --threads 64']" >&2; exit 2; }
+	$(PY) -m latentforge.preprocess.dataset_download --urls "$(URLS)" --out "$(OUT)" --img2dataset $(I2D_VENV)/bin/img2dataset $(ARGS)
+
 clean:
 	rm -rf $(DEMO_DIR) .cache bench/results/*.json

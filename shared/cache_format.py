@@ -61,6 +61,8 @@ STORAGE_DTYPES = {
     "str": "str",
 }
 CODECS = ("blosc-lz4", "blosc-zstd", "zstd", "none")
+# Which path each sample took to reach its bucket size (recorded per sample, counted in the summary).
+UPSCALE_METHODS = {"none": 0, "lanczos": 1, "realesrgan": 2, "realesrgan+gfpgan": 3}
 _GROUP_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _BUCKET_RE = re.compile(r"^(\d+)x(\d+)$")
 
@@ -124,6 +126,8 @@ def common_fields() -> list[FieldSpec]:
         FieldSpec("crop_top_left", (2,), "int32", "(top, left) of the crop in the resized image, pixels"),
         FieldSpec("target_size", (2,), "int32", "(height, width) of the bucket"),
         FieldSpec("content_hash", (16,), "uint8", "blake2b-128 of the encoded image bytes"),
+        FieldSpec("upscale_method", (), "uint8", "how the image reached its bucket: " + ", ".join(
+            f"{code}={name}" for name, code in UPSCALE_METHODS.items())),
         FieldSpec("key", (), "str", "sample key (webdataset __key__ or path relative to the folder)"),
     ]
 
@@ -204,7 +208,8 @@ class GroupManifest:
     bucket_counts: Mapping[str, int]
     files: Mapping[str, int]  # relative path -> size in bytes, to detect deletion/truncation
     checksums: Mapping[str, int] = field(default_factory=dict)  # relative path -> crc32 (local disks)
-    skipped: Mapping[str, int] = field(default_factory=dict)  # reason -> count
+    skipped: Mapping[str, Any] = field(default_factory=dict)  # reason -> {"count": n, "examples": [key: detail]}
+    stats: Mapping[str, Any] = field(default_factory=dict)  # upscale counts, seconds per phase, input content hash
     format_version: int = FORMAT_VERSION
 
     @property

@@ -7,6 +7,7 @@ global byte budget. Nothing is visible to readers until `commit()` writes `commi
 
 from __future__ import annotations
 
+import json
 import uuid
 import zlib
 from collections.abc import Mapping, Sequence
@@ -168,10 +169,14 @@ class GroupWriter:
             self._buffer_bytes -= data[:take].nbytes if data.dtype != object else 64 * take
         self._buffered_rows[name] = total - take
 
-    def commit(self, skipped: Mapping[str, int] | None = None) -> GroupManifest:
-        """Flush everything, record sizes/checksums, write the marker last and (locally) rename into place."""
+    def flush(self) -> None:
+        """Write every buffered row now (commit does this too; callers use it to time the writes)."""
         for name in list(self._buffers):
             self._flush(name, aligned=False)
+
+    def commit(self, skipped: Mapping[str, Any] | None = None, stats: Mapping[str, Any] | None = None) -> GroupManifest:
+        """Flush everything, record sizes/checksums, write the marker last and (locally) rename into place."""
+        self.flush()
         self._closed = True
         sizes = self.storage.file_sizes(self.rel)
         checksums = {}
@@ -187,6 +192,7 @@ class GroupWriter:
             files=sizes,
             checksums=checksums,
             skipped=dict(skipped or {}),
+            stats=dict(stats or {}),
         )
         self.storage.write_text_atomic(f"{self.rel}/{COMMIT_JSON}", manifest.to_json())
         if self.storage.is_local:
@@ -250,7 +256,8 @@ class CacheWriter:
         """Remove leftovers of crashed writers (only safe when no other writer is running)."""
         self.storage.remove_tree(f"{SHARDS_DIR}/{TMP_DIR}")
 
-    def write_prompts(self, empty: Mapping[str, Any], prompts: Sequence[str], embeddings: Mapping[str, Any]) -> None:
+    def write_prompts(self, empty: Mapping[str, Any], prompts: Sequence[str], embeddings: Mapping[str, Any],
+                      marker: Mapping[str, Any] | None = None) -> None:
         """Cache the empty-prompt embedding (train-time caption dropout) and the validation prompts.
 
         `empty` maps each text field to one row; `embeddings` maps each text field to len(prompts) rows.
@@ -268,7 +275,7 @@ class CacheWriter:
                 if data.shape[0] != n:
                     raise ValueError(f"prompts/{sub}/{f.name}: {data.shape[0]} rows, expected {n}")
                 g.create_array(f.name, data=data, attributes={"logical_dtype": f.dtype})
-        self.storage.write_text_atomic(f"{rel}/{COMMIT_JSON}", '{"complete": true}')
+        self.storage.write_text_atomic(f"{rel}/{COMMIT_JSON}", json.dumps({"complete": True, **(marker or {})}))
         if self.storage.is_local:
             old = f"{PROMPTS_DIR}.{uuid.uuid4().hex[:8]}.old"
             if self.storage.exists(PROMPTS_DIR):

@@ -64,9 +64,16 @@ def _configure_demo_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _configure_cache(p: argparse.ArgumentParser) -> None:
+    add_run_args(p)
+    p.add_argument("--overwrite", action="store_true", help="recompute every shard, even those already committed")
+
+
 # name -> (help, configure parser, handler). Handlers given as "module:function" load lazily.
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int] | str]] = {
     "config": ("validate a config and print it resolved (with defaults and overrides)", add_run_args, _cmd_config),
+    "cache": ("precompute VAE latents and text embeddings into the cache (torchrun for many processes)",
+              _configure_cache, "latentforge.preprocess.job:cli_entry"),
     "tiny-model": ("write a tiny random diffusers pipeline for offline tests and the demo", _configure_tiny_model, _cmd_tiny_model),
     "demo-data": ("write the demo dataset (real photos) as WebDataset shards and an image folder", _configure_demo_data, _cmd_demo_data),
 }

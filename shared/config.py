@@ -34,6 +34,16 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
 
 
+def _reject_credentials(options: dict[str, Any]) -> None:
+    secret = {"key", "secret", "aws_access_key_id", "aws_secret_access_key", "token", "password"}
+    bad = sorted(secret & {k.lower() for k in options})
+    if bad:
+        raise ValueError(
+            f"storage_options.{bad[0]}: credentials must come from the environment or a credentials "
+            "file, not the config (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
+        )
+
+
 class ModelConfig(_Section):
     pretrained: str = Field(
         description="Hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0) or local diffusers pipeline folder."
@@ -74,13 +84,7 @@ class SourceConfig(_Section):
 
     @model_validator(mode="after")
     def _no_secrets(self) -> SourceConfig:
-        secret = {"key", "secret", "aws_access_key_id", "aws_secret_access_key", "token", "password"}
-        bad = sorted(secret & {k.lower() for k in self.storage_options})
-        if bad:
-            raise ValueError(
-                f"storage_options.{bad[0]}: credentials must come from the environment or a credentials "
-                "file, not the config (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
-            )
+        _reject_credentials(self.storage_options)
         return self
 
 
@@ -128,6 +132,9 @@ class UpscaleConfig(_Section):
 
 class CacheConfig(_Section):
     path: str = Field(description="Where the cache lives: a local path or an fsspec URL (s3://bucket/prefix).")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for cache.path (e.g. endpoint_url); never credentials."
+    )
     latent_mode: Literal["mean", "dist"] = Field(
         default="mean", description="mean: posterior mean only; dist: mean and std (sample fresh each step)."
     )
@@ -151,15 +158,85 @@ class CacheConfig(_Section):
     shard_rows: int = Field(
         default=256, ge=1, description="Rows per Zarr shard file of a bucket array (rows are chunks inside it)."
     )
+    @model_validator(mode="after")
+    def _no_secrets(self) -> CacheConfig:
+        _reject_credentials(self.storage_options)
+        return self
+
+    workers: int = Field(default=2, ge=1, description="Threads decoding/resizing/upscaling ahead of the encoders.")
+    max_skip_fraction: float = Field(
+        default=0.5, ge=0, le=1, description="Exit non-zero (after committing all work) if more samples are skipped."
+    )
+    deterministic: bool = Field(
+        default=True,
+        description="Bitwise-identical tensors whatever the process/thread count: CPU runs without oneDNN "
+        "(about 2x slower VAE on CPU), CUDA with deterministic cuDNN.",
+    )
+    missing_caption: Literal["skip", "empty"] = Field(
+        default="skip", description="A sample without a caption: skip it, or cache it with the empty prompt."
+    )
+
+
+class TimestepBiasConfig(_Section):
+    strategy: Literal["none", "earlier", "later", "range"] = Field(
+        default="none", description="Bias timestep sampling towards earlier/later steps or a range (MindONE/diffusers)."
+    )
+    multiplier: float = Field(default=1.0, gt=0, description="Weight of the biased timesteps relative to the others.")
+    begin: int = Field(default=0, ge=0, description="First timestep of the range (strategy: range).")
+    end: int = Field(default=1000, ge=1, description="End (exclusive) of the range (strategy: range).")
+    portion: float = Field(default=0.25, gt=0, le=1, description="Fraction of timesteps biased (earlier/later).")
+
+    @model_validator(mode="after")
+    def _range(self) -> TimestepBiasConfig:
+        if self.begin >= self.end:
+            raise ValueError(f"begin ({self.begin}) must be < end ({self.end})")
+        return self
+
+
+class EmaConfig(_Section):
+    enabled: bool = Field(default=False, description="Keep an exponential moving average of the trained weights (fp32).")
+    decay: float = Field(default=0.9999, gt=0, lt=1, description="EMA decay per update.")
+    start_step: int = Field(default=0, ge=0, description="Optimizer step at which EMA updates begin.")
+    update_every: int = Field(default=1, ge=1, description="Update the EMA every N optimizer steps.")
 
 
 class TrainConfig(_Section):
     output_dir: str = Field(description="Checkpoints, TensorBoard logs and exports go here.")
     max_steps: int = Field(gt=0, description="Optimizer steps to train.")
     seed: int = Field(default=0, ge=0, description="Seed for sample order, noise and dropout.")
-    lr: float = Field(default=1e-5, gt=0, description="Peak learning rate.")
+    lr: float = Field(default=1e-5, gt=0, description="Peak learning rate (per sample x global batch with scale_lr).")
+    scale_lr: bool = Field(default=False, description="Multiply lr by the global batch size.")
+    lr_scheduler: Literal["constant", "cosine", "linear"] = Field(default="constant", description="Decay after warmup.")
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warmup steps from 0 to lr.")
     micro_batch_size: int = Field(default=1, ge=1, description="Samples per rank per forward pass.")
     gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
+    max_grad_norm: float = Field(default=1.0, ge=0, description="Gradient clipping (0 disables).")
+    weight_decay: float = Field(default=1e-2, ge=0, description="AdamW weight decay.")
+    adam_betas: tuple[float, float] = Field(default=(0.9, 0.999), description="AdamW betas.")
+    adam_eps: float = Field(default=1e-8, gt=0, description="AdamW epsilon.")
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
+    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
+        default=None, description="Training target; default: the model's scheduler config."
+    )
+    snr_gamma: float | None = Field(default=None, gt=0, description="Min-SNR-gamma loss weighting (e.g. 5.0); off when unset.")
+    noise_offset: float = Field(default=0.0, ge=0, description="Offset noise strength (e.g. 0.05).")
+    timestep_bias: TimestepBiasConfig = Field(default_factory=TimestepBiasConfig, description="Timestep sampling bias.")
+    caption_dropout: float = Field(default=0.0, ge=0, le=1, description="Probability of training on the empty prompt.")
+    micro_conditioning_dropout: float = Field(
+        default=0.0, ge=0, le=1, description="Probability of zeroing SDXL's size/crop conditioning for a sample."
+    )
+    ema: EmaConfig = Field(default_factory=EmaConfig, description="Exponential moving average of the weights.")
+    held_out_fraction: float = Field(
+        default=0.0, ge=0, lt=1, description="Fraction of samples (by key hash) kept out of training for validation."
+    )
+    validation_every: int = Field(default=0, ge=0, description="Validation loss + image grid every N steps (0: off).")
+    validation_inference_steps: int = Field(default=20, ge=1, description="Denoising steps for validation images.")
+    checkpoint_every: int = Field(default=500, ge=1, description="Save a DeepSpeed checkpoint every N steps.")
+    keep_last: int = Field(default=3, ge=1, description="Checkpoints to keep.")
+    resume: str | None = Field(default=None, description="'latest', a checkpoint folder, or unset for a fresh run.")
+    log_every: int = Field(default=10, ge=1, description="TensorBoard scalars every N steps.")
+    num_workers: int = Field(default=2, ge=0, description="DataLoader worker processes reading the cache.")
+    prefetch_factor: int = Field(default=4, ge=1, description="Batches each worker reads ahead.")
 
 
 class Config(_Section):

@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from .cli import SUBCOMMANDS, main as cli_main
+from .cli import SUBCOMMANDS
+from .cli import main as cli_main
 from .config import load_config
 from .demo_data import write_demo_data
 from .tiny_models import build_tiny_pipeline
@@ -25,6 +26,7 @@ def demo_overrides(root: Path) -> list[str]:
     return [
         f"model.pretrained={root / 'tiny-sdxl'}",
         f"data.sources.0.path={root / 'data' / 'webdataset'}/{{00000..00003}}.tar",
+        f"data.sources.1.path={root / 'data' / 'folder'}",
         f"cache.path={root / 'cache'}",
         f"train.output_dir={root / 'run'}",
     ]

@@ -7,6 +7,7 @@ import math
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+
 from latentforge.shared.buckets import (
     CropPlan,
     assign_bucket,

@@ -88,7 +88,7 @@ def write_group(writer: CacheWriter, group_id: str, counts: dict, seed: int, sou
             if b > a:
                 g.add(bucket, {k: v[a:b] for k, v in rows.items()})
         data[bucket] = rows
-    g.commit({"too_small": 1})
+    g.commit({"too_small": {"count": 1, "examples": ["k: 10x10"]}})
     return data
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
+from PIL import Image, ImageOps
+
 from latentforge.shared import demo_data
 from latentforge.shared.demo_data import DemoDataSummary, write_demo_data
-from PIL import Image, ImageOps
 
 IMAGE_EXTS = (".jpg", ".png")
 META_KEYS = {

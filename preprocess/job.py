@@ -1,0 +1,335 @@
+"""One rank of the cache job: claim an input shard, read, prepare, encode, write, commit; repeat.
+
+Distribution: every rank lists the same shards in the same order (largest first, so the long ones do
+not end up last). With several ranks (torchrun), a shard is claimed through an atomic counter in the
+launcher's TCP store: no collective in the hot path, and a fast rank simply claims more shards. Each
+shard becomes one cache group, committed atomically; a re-run skips groups committed with the same
+fingerprint and input identity, so a crash loses at most the shards in flight. The output of a shard
+depends only on the shard and the config, so one rank or many give the same cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from latentforge.shared.buckets import buckets_by_resolution, generate_bucket_set
+from latentforge.shared.cache_format import CacheSpec, GroupManifest, compute_fingerprint
+from latentforge.shared.cache_writer import CacheWriter
+from latentforge.shared.config import Config, SourceConfig, load_config
+from latentforge.shared.families import cached_fields, text_field_names
+
+from .encoders import VaeEncoder, load_text_encoder, model_identity
+from .images import SkipSample
+from .prepare import Prepared, Preparer, method_code
+from .report import ShardStats, print_summary, write_summary
+from .source_checks import SkipCounter
+from .sources import ShardRef, iter_shard, list_shards
+from .upscale import Upscaler
+
+log = logging.getLogger("latentforge.cache")
+PIPELINE_VERSION = 1  # bump when image preparation changes what is cached for the same inputs
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], ahead: int) -> Iterator[tuple[T, Future]]:
+    """Like `pool.map`, in input order, but bounded: at most `ahead` items in flight (memory stays flat)."""
+    window: deque[tuple[T, Future]] = deque()
+    for item in items:
+        window.append((item, pool.submit(fn, item)))
+        if len(window) >= ahead:
+            yield window.popleft()
+    while window:
+        yield window.popleft()
+
+
+class CacheJob:
+    """Everything one rank needs: config, models, writer, and the loop over claimed shards."""
+
+    def __init__(self, config: Config, rank: int = 0, world: int = 1, overwrite: bool = False) -> None:
+        self.config, self.rank, self.world = config, rank, world
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        if config.cache.deterministic:
+            # oneDNN picks conv algorithms by thread count, so 1 and 2 processes would differ in the last bit.
+            torch.backends.mkldnn.enabled = False
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+        self.vae = VaeEncoder(config, self.device)
+        self.text = load_text_encoder(config, self.device)
+        self.resolutions = buckets_by_resolution(config.buckets.resolutions, config.buckets.step,
+                                                 config.buckets.min_aspect, config.buckets.max_aspect)
+        self.upscaler = Upscaler.from_config(config.upscale, self.device) if config.upscale.enabled else None
+        self.spec = self._build_spec()
+        self.writer = CacheWriter(config.cache.path, self.spec, dict(config.cache.storage_options))
+        self.preparer = Preparer(config, self.resolutions, self.upscaler)
+        self.overwrite = overwrite
+        self.failed_shards: list[str] = []
+
+    def _build_spec(self) -> CacheSpec:
+        cfg = self.config
+        upscale = cfg.upscale.model_dump()
+        for key in ("model_path", "face_model_path"):  # the weights count, not where they are
+            path = upscale.pop(key)
+            upscale[key.replace("_path", "_sha256")] = _sha256_file(path) if path and os.path.isfile(path) else None
+        inputs = {
+            "pipeline_version": PIPELINE_VERSION,
+            "family": cfg.model.family,
+            "model": model_identity(cfg),
+            "cache": {k: getattr(cfg.cache, k) for k in ("latent_mode", "store_dtype", "vae_dtype", "text_dtype", "clip_skip",
+                                                         "max_tokens", "flip", "max_pixels", "missing_caption", "deterministic")},
+            "buckets": cfg.buckets.model_dump(),
+            "upscale": upscale,
+        }
+        fields = cached_fields(cfg.model.family, latent_channels=self.vae.latent_channels, latent_mode=cfg.cache.latent_mode,
+                               store_dtype=cfg.cache.store_dtype, text_tokens=self.text.tokens,
+                               text_dim=self.text.text_dim, pooled_dim=self.text.pooled_dim)
+        return CacheSpec(
+            family=cfg.model.family, fingerprint=compute_fingerprint(inputs), fields=fields,
+            buckets=generate_bucket_set(cfg.buckets.resolutions, cfg.buckets.step, cfg.buckets.min_aspect, cfg.buckets.max_aspect),
+            latent_channels=self.vae.latent_channels, vae_downsample=self.vae.downsample,
+            scaling_factor=self.vae.scaling_factor, shift_factor=self.vae.shift_factor,
+            latent_mode=cfg.cache.latent_mode, store_dtype=cfg.cache.store_dtype, codec=cfg.cache.codec,
+            shard_rows=cfg.cache.shard_rows, fingerprint_inputs=inputs,
+        )
+
+    # ---- prompts --------------------------------------------------------------------------------
+    def cache_prompts(self) -> None:
+        """The empty prompt (caption dropout at train time) and the validation prompts."""
+        prompts = list(self.config.data.validation_prompts)
+        names = text_field_names(self.config.model.family)
+        marker = "prompts/commit.json"
+        store = self.writer.storage
+        if not self.overwrite and store.exists(marker):
+            doc = json.loads(store.read_text(marker))
+            if doc.get("fingerprint") == self.spec.fingerprint and doc.get("prompts") == prompts:
+                return
+        enc = self.text.encode(["", *prompts])
+        empty = {k: enc[k][:1] for k in names}
+        validation = {k: enc[k][1:] for k in names}
+        self.writer.write_prompts(empty, prompts, validation, marker={"fingerprint": self.spec.fingerprint, "prompts": prompts})
+
+    # ---- shards ---------------------------------------------------------------------------------
+    def source_hash(self, ref: ShardRef, source: SourceConfig) -> str:
+        """Input identity plus the per-source settings that change which samples a shard yields."""
+        doc = {"identity": ref.identity_hash, "caption_field": source.caption_field,
+               "filters": [f.model_dump() for f in source.filters]}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+    def cache_shard(self, ref: ShardRef, source: SourceConfig) -> GroupManifest | None:
+        """Read, prepare, encode and commit one input shard as one group."""
+        cfg = self.config
+        skips = SkipCounter(max_examples=1000)
+        stats = ShardStats()
+        reader = iter_shard(ref, source, skips, cfg.cache.missing_caption)
+        group = self.writer.group(ref.group_id, {"url": ref.display_url, "kind": ref.kind,
+                                                 "source_index": ref.source_index, "repeats": ref.repeats},
+                                  self.source_hash(ref, source))
+        pending: dict[tuple[int, int], list[Prepared]] = {}
+
+        def timed_prepare(raw: Any) -> tuple[list[Prepared] | SkipSample, float]:
+            t = time.perf_counter()
+            try:
+                return self.preparer(raw), time.perf_counter() - t
+            except SkipSample as exc:
+                return exc, time.perf_counter() - t
+
+        t_read = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=cfg.cache.workers, thread_name_prefix="prepare") as pool:
+            for raw, future in ordered_map(pool, timed_prepare, _timed(reader, stats), ahead=4 * cfg.cache.workers):
+                result, seconds = future.result()
+                stats.add("prepare", seconds)
+                stats.seen += 1
+                if isinstance(result, SkipSample):
+                    skips.skip(result.reason, f"{raw.key}: {result.detail}")
+                    continue
+                for item in result:
+                    stats.count_upscale(item.upscale_method)
+                    batch = pending.setdefault(item.bucket, [])
+                    batch.append(item)
+                    if len(batch) >= cfg.cache.batch_size:
+                        self._encode_and_add(group, item.bucket, pending.pop(item.bucket), stats, skips)
+            for bucket in sorted(pending):
+                self._encode_and_add(group, bucket, pending[bucket], stats, skips)
+        if reader.error == "shard_unreadable":
+            # Possibly transient (network, permissions): leave it uncommitted so the next run retries it.
+            group.abort()
+            return None
+        t = time.perf_counter()
+        group.flush()
+        stats.add("write", time.perf_counter() - t)
+        stats.add("total", time.perf_counter() - t_read)
+        stats.skipped = sum(skips.counts.values())
+        return group.commit(skipped=skips.as_dict(), stats={**stats.as_dict(), "input_content_hash": reader.content_hash})
+
+    def _encode_and_add(self, group: Any, bucket: tuple[int, int], items: list[Prepared], stats: ShardStats,
+                        skips: SkipCounter) -> None:
+        try:
+            rows = self._encode(items, stats)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+            if len(items) == 1:
+                skips.skip("encoder_error", f"{items[0].key}: {exc.__class__.__name__}: {str(exc)[:200]}")
+                return
+            for item in items:  # find the one sample that fails; keep the rest
+                self._encode_and_add(group, bucket, [item], stats, skips)
+            return
+        t = time.perf_counter()
+        group.add(bucket, rows)
+        stats.add("write", time.perf_counter() - t)
+
+    def _encode(self, items: list[Prepared], stats: ShardStats) -> dict[str, Any]:
+        t = time.perf_counter()
+        latents = self.vae.encode(torch.stack([p.pixels for p in items]))
+        stats.add("vae", time.perf_counter() - t)
+        t = time.perf_counter()
+        text = self.text.encode([p.caption for p in items])
+        stats.add("text", time.perf_counter() - t)
+        rows: dict[str, Any] = {"latent_mean": latents["latent_mean"]}
+        if self.config.cache.latent_mode == "dist":
+            rows["latent_std"] = latents["latent_std"]
+        rows.update(text)
+        rows["original_size"] = np.array([p.original_size for p in items], np.int32)
+        rows["crop_top_left"] = np.array([p.crop_top_left for p in items], np.int32)
+        rows["target_size"] = np.array([p.bucket for p in items], np.int32)
+        rows["content_hash"] = np.frombuffer(b"".join(p.content_hash for p in items), np.uint8).reshape(len(items), 16)
+        rows["key"] = [p.key for p in items]
+        rows["upscale_method"] = np.array([method_code(p.upscale_method) for p in items], np.uint8)
+        return rows
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def run(self, claim: Callable[[], int]) -> list[ShardStats | GroupManifest]:
+        """Process shards handed out by `claim` (the next index into the shared shard order)."""
+        sources = self.config.data.sources
+        shards = sorted(list_shards(sources), key=lambda r: (-int(r.identity.get("size") or 0), r.group_id))
+        committed = {} if self.overwrite else self.writer.committed()
+        done: list[Any] = []
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(shards), desc=f"cache rank {self.rank}", unit="shard", position=self.rank, disable=None)
+        while (index := claim()) < len(shards):
+            ref = shards[index]
+            source = sources[ref.source_index]
+            if self.writer.is_done(ref.group_id, self.source_hash(ref, source), committed):
+                bar.update(1)
+                continue
+            manifest = self.cache_shard(ref, source)
+            bar.update(1)
+            if manifest is None:
+                self.failed_shards.append(ref.display_url)
+                continue
+            done.append(manifest)
+            _fault_point(len(done))
+            bar.set_postfix(samples=manifest.num_samples, skipped=sum(v["count"] for v in manifest.skipped.values()))
+        bar.close()
+        return done
+
+
+def _timed(reader: Iterable[Any], stats: ShardStats) -> Iterator[Any]:
+    """Charge the time spent pulling samples out of the shard (network, tar parsing) to `read`."""
+    it = iter(reader)
+    while True:
+        t = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            stats.add("read", time.perf_counter() - t)
+            return
+        stats.add("read", time.perf_counter() - t)
+        yield item
+
+
+def _fault_point(commits: int) -> None:
+    """Fault-injection hook for the crash tests: SIGKILL this process after N committed shards."""
+    limit = os.environ.get("LATENTFORGE_FAULT_KILL_AFTER_COMMITS")
+    if limit and commits >= int(limit):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _distributed() -> tuple[int, int, Callable[[], int], Callable[[], None]]:
+    """(rank, world, claim, barrier). Single process: a local counter. torchrun: the TCP store's counter."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        counter = iter(range(sys.maxsize))
+        return 0, 1, lambda: next(counter), lambda: None
+    import torch.distributed as dist
+
+    # gloo even on GPUs: only the store and one final barrier are used, no tensor traffic.
+    dist.init_process_group("gloo", timeout=timedelta(hours=24))
+    store = dist.distributed_c10d._get_default_store()
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    key = f"latentforge/cache/{run_id}/next"
+    return dist.get_rank(), dist.get_world_size(), lambda: int(store.add(key, 1)) - 1, dist.barrier
+
+
+def run_cache(config: Config, overwrite: bool = False) -> int:
+    """Run this process's share of the cache job; rank 0 writes the summary. Returns an exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    _quiet_libraries()
+    rank, world, claim, barrier = _distributed()
+    t0 = time.perf_counter()
+    job = CacheJob(config, rank, world, overwrite)
+    if rank == 0:
+        job.cache_prompts()
+    done = job.run(claim)
+    log.info("rank %d: %d shards cached in %.1f s", rank, len(done), time.perf_counter() - t0)
+    for url in job.failed_shards:
+        log.warning("rank %d: shard %s could not be read; not committed, the next run retries it", rank, url)
+    barrier()
+    if rank != 0:
+        return 0
+    summary = write_summary(job.writer, config, elapsed=time.perf_counter() - t0, world=world)
+    print_summary(summary)
+    seen = summary["samples_seen"]
+    if seen and summary["skipped_total"] / seen > config.cache.max_skip_fraction:
+        print(f"cache: {summary['skipped_total']} of {seen} samples skipped, above cache.max_skip_fraction="
+              f"{config.cache.max_skip_fraction}; the committed work is kept", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _quiet_libraries() -> None:
+    try:
+        from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
+
+        tlog.disable_progress_bar()
+        dlog.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def cli_entry(args: argparse.Namespace) -> int:
+    """`latentforge cache --config FILE [overrides] [--overwrite]`."""
+    config = load_config(args.config, args.overrides)
+    return run_cache(config, overwrite=args.overwrite)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """torchrun entry: `torchrun --nproc_per_node N -m latentforge.preprocess --config FILE ...`."""
+    from latentforge.shared.cli import main as cli_main
+
+    return cli_main(["cache", *(sys.argv[1:] if argv is None else argv)])
+

@@ -1,0 +1,74 @@
+"""Per-sample image preparation: decoded bytes in, bucket-sized pixel tensors plus their record out.
+
+One `RawSample` becomes one `Prepared` per configured resolution (and one more per resolution when
+flips are cached). The crop is planned on the ORIGINAL size, so `original_size` is always the size
+before any upscaling: the model must never learn that an upscaled image was natively that sharp.
+Runs in worker threads ahead of the encoders; PIL and torch release the GIL for the heavy parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from latentforge.shared.buckets import assign_bucket, needs_upscale, plan_crop
+from latentforge.shared.cache_format import UPSCALE_METHODS
+from latentforge.shared.config import Config
+
+from .images import SkipSample, content_hash, decode_image, hflip, resize_and_crop, to_tensor
+from .sources import RawSample
+from .upscale import Upscaler
+
+
+@dataclass
+class Prepared:
+    """A bucket-sized image ready for the VAE, with everything the cache records beside its latent."""
+
+    key: str
+    caption: str
+    bucket: tuple[int, int]
+    pixels: torch.Tensor  # (3, H, W) in [-1, 1]
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    content_hash: bytes
+    upscale_method: str
+
+
+class Preparer:
+    """Turns raw samples into `Prepared` items following the config's bucket, crop and upscale rules."""
+
+    def __init__(self, config: Config, buckets_by_resolution: dict[int, tuple[tuple[int, int], ...]],
+                 upscaler: Upscaler | None) -> None:
+        self.config = config
+        self.buckets = buckets_by_resolution
+        self.upscaler = upscaler
+
+    def __call__(self, raw: RawSample) -> list[Prepared]:
+        cfg = self.config
+        img = decode_image(raw.image, name=raw.key, max_pixels=cfg.cache.max_pixels)
+        width, height = img.size
+        if min(height, width) < cfg.buckets.min_resolution:
+            raise SkipSample("too_small", f"{height}x{width} is below buckets.min_resolution={cfg.buckets.min_resolution}")
+        digest = content_hash(raw.image)
+        out: list[Prepared] = []
+        for resolution, buckets in self.buckets.items():
+            bucket = assign_bucket(height, width, buckets)
+            plan = plan_crop(height, width, bucket, cfg.buckets.crop, key=f"{raw.key}@{resolution}", seed=0)
+            source, method = img, "none"
+            if plan.scale > 1.0:
+                method = "lanczos"
+                if self.upscaler is not None and cfg.upscale.enabled and needs_upscale(height, width, bucket, cfg.upscale.threshold):
+                    source, method = self.upscaler.upscale(img, plan.resized)
+            pixels = resize_and_crop(source, plan.resized, plan.crop_top_left, plan.target)
+            out.append(Prepared(raw.key, raw.caption, bucket, to_tensor(pixels), (height, width), plan.crop_top_left,
+                                digest, method))
+            if cfg.cache.flip:
+                flipped = plan.flip()
+                out.append(Prepared(f"{raw.key}#flip", raw.caption, bucket, to_tensor(hflip(pixels)), (height, width),
+                                    flipped.crop_top_left, digest, method))
+        return out
+
+
+def method_code(method: str) -> int:
+    return UPSCALE_METHODS[method]

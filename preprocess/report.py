@@ -1,0 +1,93 @@
+"""What the user sees at the end of a cache job, also written as `CACHE/summary.json`.
+
+The summary is built from the committed group manifests, not from in-memory counters, so it describes
+the whole cache (all ranks, earlier resumed runs included) and can never count work that was lost.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from latentforge.shared.cache_writer import CacheWriter
+from latentforge.shared.config import Config
+
+PHASES = ("read", "prepare", "vae", "text", "write", "total")
+
+
+@dataclass
+class ShardStats:
+    """Seconds per phase, samples seen and upscale paths for one shard (stored in its manifest)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    upscale: Counter = field(default_factory=Counter)
+    seen: int = 0
+    skipped: int = 0
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
+    def count_upscale(self, method: str) -> None:
+        self.upscale[method] += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"seconds": {k: round(v, 4) for k, v in self.seconds.items()}, "upscale": dict(self.upscale),
+                "seen": self.seen, "finished_at": time.time()}
+
+
+def build_summary(writer: CacheWriter, config: Config, elapsed: float, world: int) -> dict[str, Any]:
+    """Totals over every committed group with this cache's fingerprint."""
+    groups = [m for m in writer.committed().values() if m.fingerprint == writer.spec.fingerprint]
+    buckets: Counter = Counter()
+    skips: Counter = Counter()
+    upscale: Counter = Counter()
+    seconds: Counter = Counter()
+    seen = size = 0
+    for m in groups:
+        buckets.update(m.bucket_counts)
+        skips.update({reason: entry["count"] for reason, entry in m.skipped.items()})
+        upscale.update(m.stats.get("upscale", {}))
+        seconds.update(m.stats.get("seconds", {}))
+        seen += int(m.stats.get("seen", 0))
+        size += sum(m.files.values())
+    samples = sum(buckets.values())
+    return {
+        "cache": writer.storage.url,
+        "fingerprint": writer.spec.fingerprint,
+        "groups": len(groups),
+        "samples": samples,
+        "samples_seen": seen,
+        "skipped_total": sum(skips.values()),
+        "buckets": dict(sorted(buckets.items(), key=lambda kv: -kv[1])),
+        "skip_reasons": dict(skips.most_common()),
+        "upscale": dict(upscale.most_common()),
+        "seconds_by_phase": {p: round(seconds.get(p, 0.0), 2) for p in PHASES},
+        "bytes_on_disk": size,
+        "bytes_per_sample": round(size / samples) if samples else 0,
+        "wall_seconds": round(elapsed, 2),
+        "processes": world,
+        "images_per_second": round(seen / elapsed, 2) if elapsed > 0 else 0.0,
+    }
+
+
+def write_summary(writer: CacheWriter, config: Config, elapsed: float, world: int) -> dict[str, Any]:
+    summary = build_summary(writer, config, elapsed, world)
+    writer.storage.write_text_atomic("summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    """A short human report; the JSON beside the cache has everything."""
+    print(f"cache {s['cache']}: {s['samples']} samples in {s['groups']} groups, {len(s['buckets'])} buckets; "
+          f"{s['skipped_total']} skipped of {s['samples_seen']} read")
+    print("  buckets: " + ", ".join(f"{b}={n}" for b, n in s["buckets"].items()))
+    if s["skip_reasons"]:
+        print("  skipped: " + ", ".join(f"{r}={n}" for r, n in s["skip_reasons"].items()))
+    if s["upscale"]:
+        print("  resize path: " + ", ".join(f"{m}={n}" for m, n in s["upscale"].items()))
+    print("  seconds (summed over shards): " + ", ".join(f"{p} {v}" for p, v in s["seconds_by_phase"].items()))
+    print(f"  {s['bytes_on_disk'] / 1e6:.1f} MB on disk, {s['bytes_per_sample']} bytes/sample; "
+          f"{s['wall_seconds']} s wall, {s['processes']} process(es)")

@@ -1,0 +1,31 @@
+"""Session-wide, offline fixtures: the tiny SDXL pipeline and the demo photos, built once per test run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Nothing in the tests may reach a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    from latentforge.shared.tiny_models import build_tiny_pipeline
+
+    return build_tiny_pipeline("sdxl", tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    from latentforge.shared.demo_data import write_demo_data
+
+    root = tmp_path_factory.mktemp("demo") / "data"
+    write_demo_data(root)
+    return root
