@@ -156,6 +156,12 @@ class CacheReader:
             out[spec.name] = _to_torch(spec, arr)
         return out
 
+    def group_ids(self, bucket: tuple[int, int], rows: Iterable[int]) -> list[str]:
+        """The group (input shard) each row of a bucket came from."""
+        gidx, _ = self.locate(bucket, rows)
+        groups = self._bucket_groups[bucket_name(bucket)]
+        return [groups[g] for g in gidx]
+
     def keys(self, bucket: tuple[int, int], rows: Sequence[int]) -> list[str]:
         return self.read_rows(bucket, rows, fields=["key"])["key"]
 

@@ -12,6 +12,7 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
+from .cache_format import CacheFormatError
 from .config import ConfigError, describe_config, load_config
 
 EXIT_USAGE = 2
@@ -74,6 +75,11 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
     "config": ("validate a config and print it resolved (with defaults and overrides)", add_run_args, _cmd_config),
     "cache": ("precompute VAE latents and text embeddings into the cache (torchrun for many processes)",
               _configure_cache, "latentforge.preprocess.job:cli_entry"),
+    "train": ("train the denoiser from the cache under DeepSpeed (deepspeed launcher for many processes)",
+              add_run_args, "latentforge.train.trainer:cli_entry"),
+    "export": ("write a diffusers pipeline folder from a training checkpoint (trained or EMA weights)",
+               lambda p: importlib.import_module("latentforge.train.export").configure(p),
+               "latentforge.train.export:cli_entry"),
     "tiny-model": ("write a tiny random diffusers pipeline for offline tests and the demo", _configure_tiny_model, _cmd_tiny_model),
     "demo-data": ("write the demo dataset (real photos) as WebDataset shards and an image folder", _configure_demo_data, _cmd_demo_data),
 }
@@ -102,6 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(handler(args) or 0)
     except ConfigError as exc:
+        print(f"latentforge {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (FileNotFoundError, CacheFormatError) as exc:
         print(f"latentforge {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -42,16 +42,24 @@ def run_demo(root: Path, config: Path = DEMO_CONFIG) -> int:
     print(f"[demo] data: {summary.num_samples} real photos in {len(summary.shards)} tar shards + {summary.folder}")
     model = build_tiny_pipeline("sdxl", root / "tiny-sdxl")
     print(f"[demo] model: tiny random SDXL pipeline at {model}")
-    for stage in ("cache", "train"):
+    stages = [("cache", ["--config", str(config), *overrides]),
+              ("train", ["--config", str(config), *overrides]),
+              ("export", [str(root / "run"), "--out", str(root / "export"), "--ema"])]
+    for stage, args in stages:
         if stage not in SUBCOMMANDS:
             print(f"[demo] {stage}: not part of this installation yet, skipped")
             continue
-        print(f"[demo] {stage}: latentforge {stage} --config {config} {' '.join(overrides)}")
-        code = cli_main([stage, "--config", str(config), *overrides])
+        print(f"[demo] {stage}: latentforge {stage} {' '.join(args)}")
+        code = cli_main([stage, *args])
         if code:
             print(f"[demo] {stage} failed with exit code {code}", file=sys.stderr)
             return code
-    print(f"[demo] done in {time.perf_counter() - t0:.1f} s; everything is under {root}")
+    print(f"[demo] done in {time.perf_counter() - t0:.1f} s; everything is under {root}:")
+    print(f"[demo]   cache summary  {root / 'cache' / 'summary.json'}")
+    print(f"[demo]   checkpoints    {root / 'run' / 'checkpoints'}")
+    print(f"[demo]   validation     {root / 'run' / 'validation'} (PNG grids)")
+    print(f"[demo]   TensorBoard    .venv/bin/tensorboard --logdir {root / 'run' / 'tensorboard'}")
+    print(f"[demo]   exported SDXL  {root / 'export'} (StableDiffusionXLPipeline.from_pretrained)")
     return 0
 
 

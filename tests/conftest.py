@@ -29,3 +29,17 @@ def demo_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo") / "data"
     write_demo_data(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def small_cache(tiny_sdxl, demo_data, tmp_path_factory) -> Path:
+    """The demo tars cached with the tiny model (posterior kept), shared by the trainer tests."""
+    from latentforge.preprocess.job import run_cache
+    from latentforge.shared.config import load_config
+
+    cache = tmp_path_factory.mktemp("train-cache") / "cache"
+    sources = f"data.sources=[{{type: webdataset, path: '{demo_data}/webdataset/{{00000..00003}}.tar'}}]"
+    config = load_config(ROOT / "configs" / "demo.yaml", [f"model.pretrained={tiny_sdxl}", sources, f"cache.path={cache}",
+                                                         "cache.latent_mode=dist", "train.output_dir=unused"])
+    assert run_cache(config) == 0
+    return cache

@@ -1,0 +1,134 @@
+"""Checkpoints: DeepSpeed engine state plus everything needed to resume exactly, crash-safe.
+
+Layout of `OUTPUT/checkpoints/`::
+
+    step-00000500/            DeepSpeed's files (module, optimizer partitions, lr scheduler)
+        rng-rank<r>.pt        each rank's RNG states (python, numpy, torch, cuda, the trainer's generators)
+        trainer_state.json    step, sampler state, config snapshot, cache fingerprint
+        ema.safetensors       fp32 EMA weights (when enabled)
+        COMPLETE              written last, after every rank finished: only such folders are resumable
+    latest                    name of the newest COMPLETE folder (a hint; the scan decides)
+
+A crash at any point leaves either an older COMPLETE checkpoint or a folder without the marker, which
+`find_checkpoint("latest")` ignores. Secrets never enter a checkpoint: the config snapshot holds only
+config values, and credentials are never config values (the config rejects them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+COMPLETE = "COMPLETE"
+_TAG_RE = re.compile(r"^step-(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """COMPLETE checkpoint folders under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _TAG_RE.match(p.name) and (p / COMPLETE).is_file()]
+    return sorted(found, key=lambda p: int(_TAG_RE.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def find_checkpoint(output_dir: str | Path, resume: str | None) -> Path | None:
+    """Resolve `train.resume`: None, "latest" (newest COMPLETE, or None when there is none) or a folder."""
+    if not resume:
+        return None
+    root = Path(output_dir) / "checkpoints"
+    if resume == "latest":
+        found = complete_checkpoints(root)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / COMPLETE).is_file():
+        raise FileNotFoundError(f"train.resume={resume}: not a complete latentforge checkpoint (no {COMPLETE} marker)")
+    return path
+
+
+def _rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    return {
+        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "generators": {name: g.get_state() for name, g in generators.items()},
+    }
+
+
+def _set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, g in generators.items():
+        g.set_state(state["generators"][name])
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(engine: Any, output_dir: str | Path, step: int, trainer_state: dict[str, Any],
+                    generators: dict[str, torch.Generator], rank: int, keep_last: int,
+                    ema_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Collective: every rank calls it. Rank 0 marks it COMPLETE last and prunes old checkpoints."""
+    root = Path(output_dir) / "checkpoints"
+    tag = tag_for(step)
+    path = root / tag
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if path.exists():  # a half-written folder from a crash at this very step
+            shutil.rmtree(path)
+    _barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+    torch.save(_rng_state(generators), path / f"rng-rank{rank}.pt")
+    if rank == 0:
+        (path / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, default=str))
+        if ema_state is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in ema_state.items()}, str(path / "ema.safetensors"))
+    _barrier()  # every rank's files are on disk before the marker says so
+    if rank == 0:
+        _write_atomic(path / COMPLETE, tag)
+        _write_atomic(root / "latest", tag)
+        for old in complete_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_checkpoint(engine: Any, path: Path, generators: dict[str, torch.Generator], rank: int,
+                    world: int) -> dict[str, Any]:
+    """Restore engine, RNGs and return the trainer state. A different world size keeps the data order
+    (the sampler state is global) but gets fresh per-rank RNG streams."""
+    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise FileNotFoundError(f"{path}: DeepSpeed could not load this checkpoint")
+    state = json.loads((path / "trainer_state.json").read_text())
+    rng_file = path / f"rng-rank{rank}.pt"
+    if state.get("world_size") == world and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False), generators)
+    return state
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,112 @@
+"""The trainer's data path: cached rows in, micro-batches of tensors out. No image decoding, no encoders.
+
+`CachedSamples` maps the committed cache to training items: held-out rows (by key hash) are removed,
+per-source `repeats` expand the rest, and each bucket's items are numbered 0..n-1 for the sampler.
+`CachedBatches` is the `Dataset` the DataLoader workers call with a whole `MicroBatch`, so one call is
+one batched read of the cache (rows of one bucket, coalesced) rather than one read per sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from latentforge.shared.cache_reader import CacheReader
+from latentforge.shared.config import Config
+
+from .sampler import MicroBatch, MicroBatchSampler
+
+_SOURCE_RE = re.compile(r"^s(\d+)-")
+# What a training step reads; keys, hashes and upscale paths stay on disk.
+TRAIN_FIELDS = ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds", "prompt_mask",
+                "original_size", "crop_top_left", "target_size")
+
+
+def held_out(key: str, fraction: float) -> bool:
+    """Stable split by key hash: the same sample is held out in every run, whatever the ranks or order."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
+class CachedSamples:
+    """Which cache rows are training items (per bucket, with repeats) and which are validation rows."""
+
+    def __init__(self, reader: CacheReader, config: Config) -> None:
+        self.reader = reader
+        repeats = [s.repeats for s in config.data.sources]
+        self.train_rows: dict[tuple[int, int], np.ndarray] = {}
+        self.val_rows: dict[tuple[int, int], np.ndarray] = {}
+        for bucket, n in sorted(reader.bucket_counts().items()):
+            groups = reader.group_ids(bucket, range(n))
+            keys = reader.read_rows(bucket, range(n), fields=["key"])["key"]
+            train, val = [], []
+            for row, (group, key) in enumerate(zip(groups, keys, strict=True)):
+                if held_out(key, config.train.held_out_fraction):
+                    val.append(row)
+                    continue
+                m = _SOURCE_RE.match(group)
+                times = repeats[int(m.group(1))] if m and int(m.group(1)) < len(repeats) else 1
+                train.extend([row] * times)
+            if train:
+                self.train_rows[bucket] = np.asarray(train, dtype=np.int64)
+            if val:
+                self.val_rows[bucket] = np.asarray(val, dtype=np.int64)
+
+    @property
+    def bucket_sizes(self) -> dict[tuple[int, int], int]:
+        return {b: len(r) for b, r in self.train_rows.items()}
+
+    @property
+    def num_train(self) -> int:
+        return sum(self.bucket_sizes.values())
+
+
+class CachedBatches(Dataset):
+    """Dataset indexed by `MicroBatch`: returns the whole micro-batch as tensors, read in one call."""
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any], rows: Mapping[tuple[int, int], np.ndarray]) -> None:
+        self.url, self.storage_options = url, dict(storage_options)
+        self.rows = {tuple(b): r for b, r in rows.items()}
+        self._reader: CacheReader | None = None  # opened lazily in each worker process
+
+    def reader(self) -> CacheReader:
+        if self._reader is None:
+            self._reader = CacheReader(self.url, self.storage_options)
+        return self._reader
+
+    def __len__(self) -> int:  # a map-style dataset must have one; the sampler decides what is read
+        return sum(len(r) for r in self.rows.values())
+
+    def __getitem__(self, mb: MicroBatch) -> dict[str, Any]:
+        reader = self.reader()
+        bucket = (int(mb.bucket[0]), int(mb.bucket[1]))
+        rows = self.rows[bucket][np.asarray(mb.items, dtype=np.int64)]
+        fields = [f.name for f in reader.spec.fields if f.name in TRAIN_FIELDS]
+        batch = reader.read_rows(bucket, rows, fields=fields)
+        batch["step"] = mb.step
+        batch["accum_index"] = mb.accum_index
+        batch["bucket"] = bucket
+        return batch
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_reader"] = None
+        return state
+
+
+def build_loader(dataset: CachedBatches, sampler: MicroBatchSampler, config: Config) -> DataLoader:
+    """DataLoader over micro-batches: workers read ahead while the model trains (prefetch_factor batches each)."""
+    workers = config.train.num_workers
+    return DataLoader(
+        dataset, sampler=sampler, batch_size=None, num_workers=workers,
+        prefetch_factor=config.train.prefetch_factor if workers else None,
+        persistent_workers=False, pin_memory=torch.cuda.is_available(),
+    )

@@ -1,0 +1,229 @@
+"""The trainer: reads only cached tensors, trains the denoiser under DeepSpeed. Reads top to bottom.
+
+No VAE encoder, no text encoder, no tokenizer and no image decoding here: latents and embeddings come
+from the cache, caption dropout uses the cached empty-prompt embedding. `Trainer.train_step` is the
+one function that turns a micro-batch into a gradient.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from latentforge.shared.cache_reader import CacheReader
+from latentforge.shared.config import Config, config_to_dict
+
+from . import objective as obj
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .data import CachedBatches, CachedSamples, build_loader
+from .distributed import build_engine, deepspeed_config, init_distributed
+from .ema import Ema
+from .families import adapter_for
+from .metrics import Metrics
+from .sampler import GlobalBucketSchedule, MicroBatchSampler
+
+log = logging.getLogger("latentforge.train")
+
+
+class Trainer:
+    """Setup in `__init__`, the loop in `train()`, one micro-batch's work in `train_step()`."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        t = config.train
+        self.dist = init_distributed()
+        random.seed(t.seed)
+        np.random.seed(t.seed)
+        torch.manual_seed(t.seed)
+
+        # Data: the cache must fit the model before anything trains.
+        self.cache = CacheReader(config.cache.path, dict(config.cache.storage_options))
+        self.adapter = adapter_for(config.model.family)
+        model = self.adapter.load(config)
+        self.cache.check_compatible(**self.adapter.expected_cache(model))
+        self.samples = CachedSamples(self.cache, config)
+        self.global_batch = t.micro_batch_size * t.gradient_accumulation_steps * self.dist.world
+        self.schedule = GlobalBucketSchedule(self.samples.bucket_sizes, self.global_batch, t.seed)
+        for bucket, n in self.schedule.starved_buckets.items():
+            log.warning("bucket %sx%s has %d samples, fewer than one global batch (%d): they are never trained",
+                        bucket[0], bucket[1], n, self.global_batch)
+        empty, self.validation_prompts, self.validation_embeds = self.cache.prompts()
+        self.empty = {k: v.to(self.dist.device) for k, v in empty.items()}
+
+        # Objective: the noise schedule comes from the model's own scheduler config.
+        from diffusers import DDPMScheduler
+
+        sched = DDPMScheduler.from_pretrained(config.model.pretrained, subfolder="scheduler")
+        self.alphas_cumprod = sched.alphas_cumprod.to(self.dist.device)
+        self.prediction_type = t.prediction_type or sched.config.prediction_type
+        self.timestep_weights = obj.timestep_weights(sched.config.num_train_timesteps, t.timestep_bias)
+
+        # Engine, EMA, metrics.
+        self.ds_config = deepspeed_config(config, self.dist.world)
+        if t.ema.enabled and self.ds_config["zero_optimization"].get("stage", 0) == 3:
+            raise ValueError("train.ema.enabled with ZeRO stage 3 is not supported yet; use ZeRO 0-2")
+        self.engine, self.optimizer, self.lr_scheduler = build_engine(
+            model, config, self.ds_config,
+            lambda step: obj.lr_lambda(step, t.warmup_steps, t.max_steps, t.lr_scheduler))
+        self.dtype = next(self.engine.module.parameters()).dtype
+        self.ema = Ema(self.engine.module, t.ema.decay, t.ema.start_step, t.ema.update_every) \
+            if t.ema.enabled and self.dist.is_main else None
+        self.val_generator = torch.Generator(device="cpu")
+        self.output = Path(t.output_dir)
+        self.metrics = Metrics(self.output / "tensorboard", self.dist.is_main)
+        self.output.mkdir(parents=True, exist_ok=True)
+
+        # Resume: engine, RNGs, step and the global sample order.
+        self.step, self.state = 0, self.schedule.initial_state()
+        self.history: list[float] = []  # mean loss of every optimizer step this process ran
+        ckpt = find_checkpoint(t.output_dir, t.resume)
+        if ckpt is not None:
+            resumed = load_checkpoint(self.engine, ckpt, {}, self.dist.rank, self.dist.world)
+            self.step = int(resumed["step"])
+            self.state = self.schedule.load_state(resumed["sampler"])
+            if self.ema is not None and (ckpt / "ema.safetensors").exists():
+                from safetensors.torch import load_file
+
+                self.ema.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
+            log.info("resumed from %s at step %d", ckpt, self.step)
+
+    # ---- one micro-batch ------------------------------------------------------------------------
+    def batch_generator(self, batch: dict[str, Any]) -> torch.Generator:
+        """Randomness of a micro-batch = f(seed, step, its position in the global batch).
+
+        So the same samples get the same noise, timesteps and dropout whatever the number of ranks or
+        accumulation steps, and a resumed run redraws exactly what the uninterrupted one drew.
+        """
+        t = self.config.train
+        offset = (int(batch["accum_index"]) * self.dist.world + self.dist.rank) * t.micro_batch_size
+        seed = int.from_bytes(hashlib.blake2b(f"{t.seed}:{int(batch['step'])}:{offset}".encode(), digest_size=8).digest(), "little")
+        return torch.Generator(device="cpu").manual_seed(seed)
+
+    def train_step(self, batch: dict[str, Any]) -> float:
+        """Noise the cached latents, predict, weight the loss, backward, and let DeepSpeed step."""
+        dev, g = self.dist.device, self.batch_generator(batch)
+        mean = batch["latent_mean"].float()
+        latents = obj.sample_posterior(mean, batch["latent_std"].float(), g) if "latent_std" in batch else mean
+        latents = obj.scale_latents(latents, self.cache.spec.scaling_factor, self.cache.spec.shift_factor).to(dev)
+        noise = obj.sample_noise(latents, g, self.config.train.noise_offset)
+        timesteps = obj.sample_timesteps(latents.shape[0], self.timestep_weights, g).to(dev)
+        noisy = obj.add_noise(latents, noise, timesteps, self.alphas_cumprod)
+        cond = self.adapter.condition({k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()},
+                                      self.empty, self.config, g)
+        pred = self.adapter.forward(self.engine, noisy.to(self.dtype), timesteps, cond)
+        target = obj.training_target(self.prediction_type, latents, noise, timesteps, self.alphas_cumprod)
+        weights = None
+        if self.config.train.snr_gamma:
+            snr = obj.compute_snr(self.alphas_cumprod, timesteps)
+            weights = obj.min_snr_weights(snr, self.config.train.snr_gamma, self.prediction_type)
+        loss = obj.diffusion_loss(pred.float(), target, weights)
+        self.engine.backward(loss)
+        self.engine.step()
+        return float(loss.detach())
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def train(self, until: int | None = None) -> dict[str, float]:
+        """Train to `train.max_steps` (or stop after step `until`, as an interruption would)."""
+        t = self.config.train
+        stop = min(t.max_steps, until) if until is not None else t.max_steps
+        dataset = CachedBatches(self.cache.url, dict(self.config.cache.storage_options), self.samples.train_rows)
+        sampler = MicroBatchSampler(self.schedule, self.state, self.dist.rank, self.dist.world, t.micro_batch_size)
+        batches = iter(build_loader(dataset, sampler, self.config))
+        bar = _progress(self.dist.is_main, self.step, t.max_steps)
+        last: dict[str, float] = {}
+        while self.step < stop:
+            losses, wait = [], 0.0
+            for _ in range(t.gradient_accumulation_steps):
+                t0 = time.perf_counter()
+                batch = next(batches)
+                wait += time.perf_counter() - t0
+                losses.append(self.train_step(batch))
+            self.step += 1
+            self.state = self.schedule.advance(self.state)
+            if self.ema is not None:
+                self.ema.update(self.engine.module, self.step)
+            loss = _mean_over_ranks(float(np.mean(losses)), self.dist.device)
+            self.history.append(loss)
+            if self.dist.is_main:  # one JSON line per step: easy to plot, diff and test against
+                with open(self.output / "train_log.jsonl", "a") as f:
+                    f.write(json.dumps({"step": self.step, "loss": loss, "lr": self.lr_scheduler.get_last_lr()[0],
+                                        "epoch": self.state.epoch}) + "\n")
+            self.metrics.count(t.micro_batch_size * t.gradient_accumulation_steps * self.dist.world, wait)
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                last = self.metrics.flush_window(self.step, {
+                    "train/loss": loss, "train/lr": self.lr_scheduler.get_last_lr()[0],
+                    "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                    "train/epoch": float(self.state.epoch)})
+            if t.validation_every and (self.step % t.validation_every == 0 or self.step == t.max_steps):
+                self.validate()
+            if self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
+                self.save()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", **({"samples/s": f"{last['perf/samples_per_s']:.1f}"} if last else {}))
+        bar.close()
+        self.metrics.hparams(_hparams(self.config), {"final/loss": loss})
+        self.metrics.close()
+        return last
+
+    def save(self) -> Path:
+        state = {"step": self.step, "sampler": self.state.to_dict(), "world_size": self.dist.world,
+                 "cache_fingerprint": self.cache.spec.fingerprint, "config": config_to_dict(self.config)}
+        return save_checkpoint(self.engine, self.config.train.output_dir, self.step, state, {},
+                               self.dist.rank, self.config.train.keep_last,
+                               self.ema.state_dict() if self.ema is not None else None)
+
+    def validate(self) -> None:
+        from .validation import validate
+
+        validate(self)
+
+
+def _mean_over_ranks(value: float, device: torch.device) -> float:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
+def _progress(enabled: bool, start: int, total: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", disable=not enabled or None)
+
+
+def _hparams(config: Config) -> dict[str, Any]:
+    t = config.train
+    return {"lr": t.lr, "micro_batch_size": t.micro_batch_size, "grad_accum": t.gradient_accumulation_steps,
+            "snr_gamma": t.snr_gamma or 0.0, "noise_offset": t.noise_offset, "caption_dropout": t.caption_dropout,
+            "prediction_type": t.prediction_type or "scheduler", "ema": t.ema.enabled, "family": config.model.family,
+            "zero_stage": int(config.deepspeed.get("zero_optimization", {}).get("stage", 0)), "seed": t.seed}
+
+
+def run_train(config: Config) -> int:
+    """Entry of `latentforge train` and of the deepspeed launcher."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    trainer = Trainer(config)
+    figures = trainer.train()
+    if trainer.dist.is_main:
+        shown = ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in figures.items())
+        print(f"train: {trainer.step} steps done; {shown}; outputs in {trainer.output}")
+    return 0
+
+
+
+def cli_entry(args: Any) -> int:
+    """`latentforge train --config FILE [overrides]`."""
+    from latentforge.shared.config import load_config
+
+    return run_train(load_config(args.config, args.overrides))
