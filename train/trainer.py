@@ -52,7 +52,7 @@ class Trainer:
         self.samples = CachedSamples(self.cache, config)
         self.global_batch = t.micro_batch_size * t.gradient_accumulation_steps * self.dist.world
         self.schedule = GlobalBucketSchedule(self.samples.bucket_sizes, self.global_batch, t.seed)
-        for bucket, n in self.schedule.starved_buckets.items():
+        for bucket, n in (self.schedule.starved_buckets.items() if self.dist.is_main else ()):
             log.warning("bucket %sx%s has %d samples, fewer than one global batch (%d): they are never trained",
                         bucket[0], bucket[1], n, self.global_batch)
         empty, self.validation_prompts, self.validation_embeds = self.cache.prompts()
