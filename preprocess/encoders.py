@@ -59,10 +59,14 @@ def _is_local(path: str) -> bool:
 
 
 class VaeEncoder:
-    """Encodes pixel batches in [-1, 1] to the VAE posterior (mean, std) in the VAE's native space."""
+    """Encodes pixel batches in [-1, 1] to latents in the autoencoder's native (unscaled) space.
+
+    KL VAEs (SD, SDXL, PixArt) give the posterior mean and std; SANA's DC-AE is deterministic and gives
+    one latent (then `latent_std` does not exist and `cache.latent_mode: dist` is refused).
+    """
 
     def __init__(self, config: Config, device: torch.device) -> None:
-        from diffusers import AutoencoderKL
+        import diffusers
 
         dtype = _DTYPES[config.cache.vae_dtype]
         source = config.model.vae or config.model.pretrained
@@ -70,22 +74,30 @@ class VaeEncoder:
         if config.model.vae and not _is_local(config.model.vae):
             kwargs.pop("variant", None)  # a standalone VAE repo rarely has the pipeline's variant files
         subfolder = None if config.model.vae else "vae"
-        self.model = AutoencoderKL.from_pretrained(source, subfolder=subfolder, **kwargs).to(device).eval()
+        cls = diffusers.AutoencoderDC if config.model.family == "sana" else diffusers.AutoencoderKL
+        self.model = cls.from_pretrained(source, subfolder=subfolder, **kwargs).to(device).eval()
         self.model.requires_grad_(False)
         self.device, self.dtype = device, dtype
         cfg = self.model.config
+        self.has_posterior = cls is diffusers.AutoencoderKL
+        if not self.has_posterior and config.cache.latent_mode == "dist":
+            raise ValueError("cache.latent_mode=dist: this family's autoencoder (DC-AE) has no posterior; use mean")
         self.latent_channels = int(cfg.latent_channels)
-        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+        blocks = cfg.block_out_channels if self.has_posterior else cfg.encoder_block_out_channels
+        self.downsample = 2 ** (len(blocks) - 1)
         self.scaling_factor = float(cfg.scaling_factor)
         self.shift_factor = None if getattr(cfg, "shift_factor", None) is None else float(cfg.shift_factor)
 
     @torch.inference_mode()
     def _encode(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        dist = self.model.encode(pixels.to(self.device, self.dtype)).latent_dist
+        out = self.model.encode(pixels.to(self.device, self.dtype))
+        if not self.has_posterior:
+            return {"latent_mean": out.latent.float().cpu()}
+        dist = out.latent_dist
         return {"latent_mean": dist.mean.float().cpu(), "latent_std": dist.std.float().cpu()}
 
     def encode(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(B, 3, H, W) in [-1, 1] -> {"latent_mean", "latent_std"}, each (B, C, H/f, W/f) float32 on CPU."""
+        """(B, 3, H, W) in [-1, 1] -> {"latent_mean"[, "latent_std"]}, each (B, C, H/f, W/f) float32 on CPU."""
         return run_halving_on_oom(lambda chunk: self._encode(torch.stack(list(chunk))), list(pixels))
 
 
@@ -116,7 +128,7 @@ class SdxlText:
         for enc in self.encoders:
             enc.requires_grad_(False)
         self.device = device
-        self.windows = token_windows(config.cache.max_tokens)
+        self.windows = token_windows(config.cache.max_tokens or 77)
         self.clip_skip = config.cache.clip_skip
         self.text_dim = sum(int(e.config.hidden_size) for e in self.encoders)
         self.pooled_dim = int(self.encoders[1].config.projection_dim)
@@ -161,15 +173,102 @@ class SdxlText:
         return {"prompt_embeds": self.text_dim, "pooled_prompt_embeds": self.pooled_dim}
 
 
-TEXT_ADAPTERS: dict[str, type] = {"sdxl": SdxlText}
+class PipelineText:
+    """Text side of SD 1.x/2.x, PixArt-Sigma and SANA through the family pipeline's own `encode_prompt`.
+
+    The pipeline is built with only its tokenizer and text encoder, so the cached embeddings are exactly
+    what that pipeline computes at inference (clip_skip for CLIP; T5/Gemma masks; SANA's instruction
+    prefix). Padding positions are zeroed: masked out anyway, and zeros compress to almost nothing.
+    """
+
+    pipeline_class = ""
+    encoder_class = ""
+    tokenizer_class = "AutoTokenizer"
+
+    def __init__(self, config: Config, device: torch.device) -> None:
+        import diffusers
+        import transformers
+
+        from latentforge.shared.families import family_facts
+
+        dtype = _DTYPES[config.cache.text_dtype]
+        src, kwargs = config.model.pretrained, _load_kwargs(config, dtype)
+        tok_kwargs = {"revision": config.model.revision} if config.model.revision else {}
+        tokenizer = getattr(transformers, self.tokenizer_class).from_pretrained(src, subfolder="tokenizer", **tok_kwargs)
+        encoder = getattr(transformers, self.encoder_class).from_pretrained(src, subfolder="text_encoder", **kwargs)
+        encoder = encoder.to(device).eval().requires_grad_(False)
+        self.pipe = self._text_only_pipeline(getattr(diffusers, self.pipeline_class), tokenizer, encoder)
+        self.device, self.config = device, config
+        self.tokens = config.cache.max_tokens or family_facts(config.model.family).text_max_tokens
+        self.text_dim = int(getattr(encoder.config, "hidden_size", None) or encoder.config.d_model)
+        self.pooled_dim = None
+
+    def _text_only_pipeline(self, cls: Any, tokenizer: Any, encoder: Any) -> Any:
+        return cls(tokenizer=tokenizer, text_encoder=encoder, vae=None, transformer=None, scheduler=None)
+
+    def _encode_unique(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def encode(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Captions -> the family's text fields; duplicates encoded once."""
+        unique = list(dict.fromkeys(captions))
+        enc = run_halving_on_oom(self._encode_unique, unique)
+        where = [unique.index(c) for c in captions]
+        return {k: v[where] for k, v in enc.items()}
+
+    def _masked(self, embeds: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        mask = mask.to(torch.uint8).cpu()
+        return {"prompt_embeds": embeds.float().cpu() * mask[..., None], "prompt_mask": mask}
 
 
-def load_text_encoder(config: Config, device: torch.device) -> SdxlText:
+class SdText(PipelineText):
+    pipeline_class, encoder_class, tokenizer_class = "StableDiffusionPipeline", "CLIPTextModel", "CLIPTokenizer"
+
+    def _text_only_pipeline(self, cls: Any, tokenizer: Any, encoder: Any) -> Any:
+        return cls(vae=None, text_encoder=encoder, tokenizer=tokenizer, unet=None, scheduler=None, safety_checker=None,
+                   feature_extractor=None, requires_safety_checker=False)
+
+    @torch.inference_mode()
+    def _encode_unique(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        embeds, _ = self.pipe.encode_prompt(list(captions), self.device, 1, False,
+                                            clip_skip=self.config.cache.clip_skip or None)
+        return {"prompt_embeds": embeds.float().cpu()}
+
+
+class PixArtText(PipelineText):
+    pipeline_class, encoder_class, tokenizer_class = "PixArtSigmaPipeline", "T5EncoderModel", "AutoTokenizer"
+
+    @torch.inference_mode()
+    def _encode_unique(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        embeds, mask, _, _ = self.pipe.encode_prompt(list(captions), do_classifier_free_guidance=False, device=self.device,
+                                                     max_sequence_length=self.tokens)
+        return self._masked(embeds, mask)
+
+
+class SanaText(PipelineText):
+    pipeline_class, encoder_class, tokenizer_class = "SanaPipeline", "AutoModel", "AutoTokenizer"
+
+    @torch.inference_mode()
+    def _encode_unique(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        import inspect
+
+        # SANA prefixes every prompt with its "complex human instruction" (the pipeline's default).
+        instruction = inspect.signature(type(self.pipe).__call__).parameters["complex_human_instruction"].default
+        embeds, mask, _, _ = self.pipe.encode_prompt(list(captions), do_classifier_free_guidance=False, device=self.device,
+                                                     max_sequence_length=self.tokens, complex_human_instruction=instruction)
+        return self._masked(embeds, mask)
+
+
+TEXT_ADAPTERS: dict[str, type] = {"sdxl": SdxlText, "sd1": SdText, "sd2": SdText, "pixart_sigma": PixArtText,
+                                  "sana": SanaText}
+
+
+def load_text_encoder(config: Config, device: torch.device) -> Any:
     try:
         cls = TEXT_ADAPTERS[config.model.family]
     except KeyError:
         raise ValueError(
-            f"model.family {config.model.family!r}: the cache job supports {', '.join(TEXT_ADAPTERS)} so far"
+            f"model.family {config.model.family!r}: the cache job supports {', '.join(TEXT_ADAPTERS)}"
         ) from None
     return cls(config, device)
 
@@ -207,7 +306,8 @@ def model_identity(config: Config) -> dict[str, Any]:
             raise FileNotFoundError(f"model.pretrained: {src} holds no weights under {', '.join(subfolders)}")
         return {"files": files}
 
-    text_subfolders = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    text_subfolders = [d for d in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+                       if not _is_local(config.model.pretrained) or (Path(config.model.pretrained) / d).is_dir()]
     ident = {"text": one(config.model.pretrained, text_subfolders)}
     ident["vae"] = one(config.model.vae, ("",)) if config.model.vae else one(config.model.pretrained, ("vae",))
     return ident

@@ -149,8 +149,9 @@ class CacheConfig(_Section):
     )
     flip: bool = Field(default=False, description="Also cache the horizontally flipped image.")
     clip_skip: int = Field(default=0, ge=0, description="Extra text-encoder layers to skip (0 = family default).")
-    max_tokens: int = Field(
-        default=77, ge=77, description="Prompt length; >77 encodes 75-token windows (e.g. 150, 225)."
+    max_tokens: int | None = Field(
+        default=None, ge=1,
+        description="Prompt tokens: default the family's (77 CLIP, 300 T5/Gemma); SDXL above 77 encodes 75-token windows (150, 225).",
     )
     codec: Literal["blosc-lz4", "blosc-zstd", "zstd", "none"] = Field(
         default="blosc-lz4", description="Compression of tensor chunks (blosc shuffles bytes first)."
@@ -221,6 +222,12 @@ class TrainConfig(_Section):
     snr_gamma: float | None = Field(default=None, gt=0, description="Min-SNR-gamma loss weighting (e.g. 5.0); off when unset.")
     noise_offset: float = Field(default=0.0, ge=0, description="Offset noise strength (e.g. 0.05).")
     timestep_bias: TimestepBiasConfig = Field(default_factory=TimestepBiasConfig, description="Timestep sampling bias.")
+    flow_weighting: Literal["logit_normal", "uniform"] = Field(
+        default="logit_normal", description="Flow-matching families (SANA): how noise levels are sampled."
+    )
+    flow_shift: float | None = Field(default=None, gt=0, description="Flow-matching shift; default the scheduler's.")
+    logit_mean: float = Field(default=0.0, description="Mean of the logit-normal noise-level distribution.")
+    logit_std: float = Field(default=1.0, gt=0, description="Std of the logit-normal noise-level distribution.")
     caption_dropout: float = Field(default=0.0, ge=0, le=1, description="Probability of training on the empty prompt.")
     micro_conditioning_dropout: float = Field(
         default=0.0, ge=0, le=1, description="Probability of zeroing SDXL's size/crop conditioning for a sample."

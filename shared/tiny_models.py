@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from .clip_tokenizer import EOS_TOKEN, make_clip_tokenizer
+from .tiny_families import build_pixart_sigma, build_sana, build_sd1, build_sd2
 
 MARKER_NAME = "latentforge_tiny.json"
 # Bump when a builder changes what it writes, so stale folders built by older code are rebuilt.
@@ -181,6 +182,10 @@ def _build_sdxl(tmp_dir: Path, seed: int) -> None:
 
 TINY_BUILDERS: dict[str, Callable[[Path, int], None]] = {
     "sdxl": _build_sdxl,
+    "sd1": build_sd1,
+    "sd2": build_sd2,
+    "pixart_sigma": build_pixart_sigma,
+    "sana": build_sana,
 }
 
 

@@ -22,6 +22,21 @@ class DenoiserAdapter:
     model_subfolder: str = "unet"  # where the trained model lives in a diffusers pipeline folder
     model_class: str = "UNet2DConditionModel"  # diffusers class of the trained model
     pipeline_class: str = ""  # diffusers pipeline class an export loads with
+    objective: str = "diffusion"  # "diffusion" (DDPM noise schedule) or "flow" (rectified flow)
+
+    def _load(self, config: Config) -> torch.nn.Module:
+        import diffusers
+
+        kwargs: dict[str, Any] = {}
+        if config.model.revision:
+            kwargs["revision"] = config.model.revision
+        if config.model.variant:
+            kwargs["variant"] = config.model.variant
+        cls = getattr(diffusers, self.model_class)
+        model = cls.from_pretrained(config.model.pretrained, subfolder=self.model_subfolder, torch_dtype=torch.float32, **kwargs)
+        if config.train.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        return model
 
     def load(self, config: Config) -> torch.nn.Module:
         raise NotImplementedError
@@ -47,17 +62,7 @@ class SdxlAdapter(DenoiserAdapter):
     pipeline_class = "StableDiffusionXLPipeline"
 
     def load(self, config: Config) -> torch.nn.Module:
-        from diffusers import UNet2DConditionModel
-
-        kwargs: dict[str, Any] = {}
-        if config.model.revision:
-            kwargs["revision"] = config.model.revision
-        if config.model.variant:
-            kwargs["variant"] = config.model.variant
-        unet = UNet2DConditionModel.from_pretrained(config.model.pretrained, subfolder="unet", torch_dtype=torch.float32, **kwargs)
-        if config.train.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        return unet
+        return self._load(config)
 
     def expected_cache(self, model: torch.nn.Module) -> dict[str, Any]:
         cfg = model.config
@@ -82,7 +87,98 @@ class SdxlAdapter(DenoiserAdapter):
         ).sample
 
 
-ADAPTERS: dict[str, type[DenoiserAdapter]] = {"sdxl": SdxlAdapter}
+class SdAdapter(DenoiserAdapter):
+    """SD 1.x / 2.x: UNet cross-attending to one CLIP encoder's states; no pooled, no size conditioning."""
+
+    family = "sd"
+    pipeline_class = "StableDiffusionPipeline"
+
+    def load(self, config: Config) -> torch.nn.Module:
+        return self._load(config)
+
+    def expected_cache(self, model: torch.nn.Module) -> dict[str, Any]:
+        cfg = model.config
+        return {"family": self.family, "latent_channels": int(cfg.in_channels),
+                "field_widths": {"prompt_embeds": int(cfg.cross_attention_dim)}}
+
+    def condition(self, batch: dict[str, Any], empty: dict[str, torch.Tensor], config: Config,
+                  generator: torch.Generator) -> dict[str, torch.Tensor]:
+        embeds, _, _ = drop_captions(batch["prompt_embeds"], None, empty["prompt_embeds"], None,
+                                     config.train.caption_dropout, generator)
+        return {"encoder_hidden_states": embeds}
+
+    def forward(self, model: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
+                cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"].to(noisy.dtype)).sample
+
+
+class Sd1Adapter(SdAdapter):
+    family = "sd1"
+
+
+class Sd2Adapter(SdAdapter):
+    family = "sd2"
+
+
+class MaskedTextAdapter(DenoiserAdapter):
+    """DiT families conditioned on a long, masked text embedding (T5 for PixArt, Gemma for SANA)."""
+
+    model_subfolder = "transformer"
+
+    def expected_cache(self, model: torch.nn.Module) -> dict[str, Any]:
+        cfg = model.config
+        return {"family": self.family, "latent_channels": int(cfg.in_channels),
+                "field_widths": {"prompt_embeds": int(cfg.caption_channels)}}
+
+    def condition(self, batch: dict[str, Any], empty: dict[str, torch.Tensor], config: Config,
+                  generator: torch.Generator) -> dict[str, torch.Tensor]:
+        embeds, _, dropped = drop_captions(batch["prompt_embeds"], None, empty["prompt_embeds"], None,
+                                           config.train.caption_dropout, generator)
+        # A dropped caption takes the empty prompt's mask too, or attention would see its zero padding.
+        mask = torch.where(dropped.view(-1, 1), empty["prompt_mask"].to(batch["prompt_mask"].device).expand_as(batch["prompt_mask"]),
+                           batch["prompt_mask"])
+        return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
+
+
+class PixArtSigmaAdapter(MaskedTextAdapter):
+    """PixArt-Sigma: DiT with learned variance (the epsilon half is trained), DDPM objective."""
+
+    family = "pixart_sigma"
+    model_class = "PixArtTransformer2DModel"
+    pipeline_class = "PixArtSigmaPipeline"
+
+    def load(self, config: Config) -> torch.nn.Module:
+        return self._load(config)
+
+    def forward(self, model: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
+                cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = model(noisy, encoder_hidden_states=cond["encoder_hidden_states"].to(noisy.dtype),
+                    encoder_attention_mask=cond["encoder_attention_mask"], timestep=timesteps,
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        # Learned sigma: the second half of the channels is the variance, trained by PixArt's VLB term;
+        # like diffusers' PixArt trainers we train the epsilon half with MSE.
+        return out.chunk(2, dim=1)[0] if out.shape[1] == 2 * noisy.shape[1] else out
+
+
+class SanaAdapter(MaskedTextAdapter):
+    """SANA: linear-attention DiT on DC-AE latents, rectified-flow objective."""
+
+    family = "sana"
+    model_class = "SanaTransformer2DModel"
+    pipeline_class = "SanaPipeline"
+    objective = "flow"
+
+    def load(self, config: Config) -> torch.nn.Module:
+        return self._load(config)
+
+    def forward(self, model: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
+                cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(noisy, encoder_hidden_states=cond["encoder_hidden_states"].to(noisy.dtype),
+                     encoder_attention_mask=cond["encoder_attention_mask"], timestep=timesteps).sample
+
+
+ADAPTERS: dict[str, type[DenoiserAdapter]] = {"sdxl": SdxlAdapter, "sd1": Sd1Adapter, "sd2": Sd2Adapter,
+                                              "pixart_sigma": PixArtSigmaAdapter, "sana": SanaAdapter}
 
 
 def adapter_for(family: str) -> DenoiserAdapter:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -244,3 +245,52 @@ def lr_lambda(step: int, warmup_steps: int, max_steps: int, schedule: LrSchedule
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     return 1.0 - progress
+
+
+@dataclass(frozen=True)
+class NoisedBatch:
+    """What a training step feeds the model and compares against."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor  # what the model is conditioned on (ints for DDPM, sigma*1000 for flow)
+    target: torch.Tensor
+    weights: torch.Tensor | None  # per-sample loss weights, or None for a plain mean
+
+
+def diffusion_pair(latents: torch.Tensor, noise: torch.Tensor, generator: torch.Generator,
+                   alphas_cumprod: torch.Tensor, weights: torch.Tensor, prediction_type: str,
+                   snr_gamma: float | None) -> NoisedBatch:
+    """DDPM-family objective (SD, SDXL, PixArt): biased timesteps, eps or v target, optional min-SNR-γ."""
+    timesteps = sample_timesteps(latents.shape[0], weights, generator).to(latents.device)
+    noisy = add_noise(latents, noise, timesteps, alphas_cumprod)
+    target = training_target(prediction_type, latents, noise, timesteps, alphas_cumprod)
+    loss_weights = None
+    if snr_gamma:
+        loss_weights = min_snr_weights(compute_snr(alphas_cumprod, timesteps), snr_gamma, prediction_type)
+    return NoisedBatch(noisy, timesteps, target, loss_weights)
+
+
+def flow_sigmas(batch: int, generator: torch.Generator, shift: float, weighting: str = "logit_normal",
+                logit_mean: float = 0.0, logit_std: float = 1.0) -> torch.Tensor:
+    """Flow-matching noise levels in (0, 1): logit-normal (SD3/SANA) or uniform, then the model's shift.
+
+    shift > 1 moves mass towards noisier levels, which high resolutions need (SANA uses 3.0):
+    sigma' = shift * s / (1 + (shift - 1) * s).
+    """
+    if weighting == "logit_normal":
+        u = torch.sigmoid(logit_mean + logit_std * torch.randn(batch, generator=generator, device=generator.device))
+    elif weighting == "uniform":
+        u = torch.rand(batch, generator=generator, device=generator.device)
+    else:
+        raise ValueError(f"flow weighting {weighting!r} must be logit_normal or uniform")
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def flow_pair(latents: torch.Tensor, noise: torch.Tensor, generator: torch.Generator, shift: float,
+              num_train_timesteps: int, weighting: str = "logit_normal", logit_mean: float = 0.0,
+              logit_std: float = 1.0) -> NoisedBatch:
+    """Rectified-flow objective (SANA): x_t = (1 - s) x0 + s eps, predict the velocity eps - x0."""
+    sigmas = flow_sigmas(latents.shape[0], generator, shift, weighting, logit_mean, logit_std).to(latents.device)
+    s = sigmas.view(-1, *([1] * (latents.ndim - 1))).float()
+    noisy = (1 - s) * latents.float() + s * noise.float()
+    return NoisedBatch(noisy, sigmas * num_train_timesteps, noise.float() - latents.float(), None)

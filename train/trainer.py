@@ -59,12 +59,7 @@ class Trainer:
         self.empty = {k: v.to(self.dist.device) for k, v in empty.items()}
 
         # Objective: the noise schedule comes from the model's own scheduler config.
-        from diffusers import DDPMScheduler
-
-        sched = DDPMScheduler.from_pretrained(config.model.pretrained, subfolder="scheduler")
-        self.alphas_cumprod = sched.alphas_cumprod.to(self.dist.device)
-        self.prediction_type = t.prediction_type or sched.config.prediction_type
-        self.timestep_weights = obj.timestep_weights(sched.config.num_train_timesteps, t.timestep_bias)
+        self.make_pair = self._objective(config)
 
         # Engine, EMA, metrics.
         self.ds_config = deepspeed_config(config, self.dist.world)
@@ -95,6 +90,23 @@ class Trainer:
                 self.ema.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
             log.info("resumed from %s at step %d", ckpt, self.step)
 
+    def _objective(self, config: Config) -> Any:
+        """(latents, noise, generator) -> NoisedBatch, as the family's objective and scheduler config say."""
+        from diffusers import DDPMScheduler
+
+        t = config.train
+        sched_cfg = DDPMScheduler.load_config(config.model.pretrained, subfolder="scheduler")
+        steps = int(sched_cfg.get("num_train_timesteps", 1000))
+        if self.adapter.objective == "flow":
+            shift = t.flow_shift or float(sched_cfg.get("flow_shift") or sched_cfg.get("shift") or 1.0)
+            self.alphas_cumprod, self.prediction_type = None, "flow"
+            return lambda x, n, g: obj.flow_pair(x, n, g, shift, steps, t.flow_weighting, t.logit_mean, t.logit_std)
+        sched = DDPMScheduler.from_config({k: v for k, v in sched_cfg.items() if k in DDPMScheduler._get_init_keys(DDPMScheduler)})
+        self.alphas_cumprod = sched.alphas_cumprod.to(self.dist.device)
+        self.prediction_type = t.prediction_type or sched_cfg.get("prediction_type", "epsilon")
+        weights = obj.timestep_weights(steps, t.timestep_bias)
+        return lambda x, n, g: obj.diffusion_pair(x, n, g, self.alphas_cumprod, weights, self.prediction_type, t.snr_gamma)
+
     # ---- one micro-batch ------------------------------------------------------------------------
     def batch_generator(self, batch: dict[str, Any]) -> torch.Generator:
         """Randomness of a micro-batch = f(seed, step, its position in the global batch).
@@ -114,17 +126,11 @@ class Trainer:
         latents = obj.sample_posterior(mean, batch["latent_std"].float(), g) if "latent_std" in batch else mean
         latents = obj.scale_latents(latents, self.cache.spec.scaling_factor, self.cache.spec.shift_factor).to(dev)
         noise = obj.sample_noise(latents, g, self.config.train.noise_offset)
-        timesteps = obj.sample_timesteps(latents.shape[0], self.timestep_weights, g).to(dev)
-        noisy = obj.add_noise(latents, noise, timesteps, self.alphas_cumprod)
+        pair = self.make_pair(latents, noise, g)
         cond = self.adapter.condition({k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()},
                                       self.empty, self.config, g)
-        pred = self.adapter.forward(self.engine, noisy.to(self.dtype), timesteps, cond)
-        target = obj.training_target(self.prediction_type, latents, noise, timesteps, self.alphas_cumprod)
-        weights = None
-        if self.config.train.snr_gamma:
-            snr = obj.compute_snr(self.alphas_cumprod, timesteps)
-            weights = obj.min_snr_weights(snr, self.config.train.snr_gamma, self.prediction_type)
-        loss = obj.diffusion_loss(pred.float(), target, weights)
+        pred = self.adapter.forward(self.engine, pair.noisy.to(self.dtype), pair.timesteps, cond)
+        loss = obj.diffusion_loss(pred.float(), pair.target, pair.weights)
         self.engine.backward(loss)
         self.engine.step()
         return float(loss.detach())

@@ -37,13 +37,11 @@ def held_out_loss(tr: Trainer) -> float | None:
             latents = obj.scale_latents(batch["latent_mean"].float(), tr.cache.spec.scaling_factor,
                                         tr.cache.spec.shift_factor).to(tr.dist.device)
             noise = obj.sample_noise(latents, g, 0.0)
-            timesteps = obj.sample_timesteps(latents.shape[0], torch.full((len(tr.alphas_cumprod),), 1.0), g).to(tr.dist.device)
-            noisy = obj.add_noise(latents, noise, timesteps, tr.alphas_cumprod)
+            pair = tr.make_pair(latents, noise, g)
             cond = tr.adapter.condition({k: v.to(tr.dist.device) if torch.is_tensor(v) else v for k, v in batch.items()},
                                         tr.empty, _no_dropout(tr.config), g)
-            pred = tr.adapter.forward(tr.engine.module, noisy.to(tr.dtype), timesteps, cond)
-            target = obj.training_target(tr.prediction_type, latents, noise, timesteps, tr.alphas_cumprod)
-            total += float(obj.diffusion_loss(pred.float(), target, None)) * latents.shape[0]
+            pred = tr.adapter.forward(tr.engine.module, pair.noisy.to(tr.dtype), pair.timesteps, cond)
+            total += float(obj.diffusion_loss(pred.float(), pair.target, None)) * latents.shape[0]
             count += latents.shape[0]
     return total / max(1, count)
 
