@@ -80,6 +80,9 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
     "export": ("write a diffusers pipeline folder from a training checkpoint (trained or EMA weights)",
                lambda p: importlib.import_module("latentforge.train.export").configure(p),
                "latentforge.train.export:cli_entry"),
+    "inspect": ("summarise a cache, draw its buckets and decoded samples as PNGs, --verify it in full",
+                lambda p: importlib.import_module("latentforge.shared.inspect_cache").configure(p),
+                "latentforge.shared.inspect_cache:cli_entry"),
     "tiny-model": ("write a tiny random diffusers pipeline for offline tests and the demo", _configure_tiny_model, _cmd_tiny_model),
     "demo-data": ("write the demo dataset (real photos) as WebDataset shards and an image folder", _configure_demo_data, _cmd_demo_data),
 }

@@ -32,7 +32,8 @@ def test_family_cache_train_export_infer(family, demo_data, tmp_path):
     sources = f"data.sources=[{{type: webdataset, path: '{demo_data}/webdataset/0000{{0..1}}.tar'}}]"
     overrides = [f"model.family={family}", f"model.pretrained={model}", sources, f"cache.path={tmp_path / 'cache'}",
                  f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.checkpoint_every=2",
-                 "train.validation_every=0", "train.num_workers=0", "train.held_out_fraction=0",
+                 "train.validation_every=2", "train.validation_inference_steps=2", "train.num_workers=0",
+                 "train.held_out_fraction=0.2",
                  "cache.latent_mode=mean"]
     config = load_config(ROOT / "configs" / "demo.yaml", overrides)
     assert run_cache(config) == 0
@@ -53,6 +54,7 @@ def test_family_cache_train_export_infer(family, demo_data, tmp_path):
     trainer = Trainer(config)
     trainer.train()
     assert len(trainer.history) == 2 and all(np.isfinite(trainer.history))
+    assert (tmp_path / "run" / "validation" / "step-00000002.png").is_file()  # decoded from cached embeddings
 
     out = export_pipeline(tmp_path / "run" / "checkpoints" / "step-00000002", tmp_path / "export")
     pipe = getattr(diffusers, PIPELINES[family]).from_pretrained(out).to(torch.float32)

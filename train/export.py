@@ -78,19 +78,54 @@ def export_pipeline(checkpoint: Path, out: Path, *, use_ema: bool = False, dtype
 
 def cli_entry(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint)
+    single = getattr(args, "single_file", False)
+    if not single and (getattr(args, "with_vae", False) or getattr(args, "with_text_encoders", False)):
+        from latentforge.shared.config import ConfigError
+
+        raise ConfigError("--with-vae and --with-text-encoders go with --single-file (a pipeline folder has them all)")
+    if single and (path / "model_index.json").is_file():  # a diffusers pipeline folder, e.g. an earlier export
+        from .single_file import export_single_file
+
+        if args.ema or args.base:
+            from latentforge.shared.config import ConfigError
+
+            raise ConfigError(f"--ema and --base apply to training checkpoints; {path} is a diffusers pipeline folder")
+
+        out = export_single_file(path, args.out, with_vae=args.with_vae, with_text_encoders=args.with_text_encoders,
+                                 dtype=args.dtype)
+        print(f"exported {path} ({_parts(args)}, {args.dtype}) to {out}")
+        return 0
     if not (path / COMPLETE).is_file():  # a run's output_dir: take its newest complete checkpoint
         found = find_checkpoint(path, "latest")
         if found is None:
             raise FileNotFoundError(f"{path}: neither a complete checkpoint nor a run folder holding one")
         path = found
+    if single:
+        from .single_file import export_checkpoint_single_file
+
+        out = export_checkpoint_single_file(path, Path(args.out), use_ema=args.ema, dtype=args.dtype, base=args.base,
+                                            with_vae=args.with_vae, with_text_encoders=args.with_text_encoders)
+        print(f"exported {path} ({'EMA' if args.ema else 'trained'} weights; {_parts(args)}, {args.dtype}) "
+              f"to the single file {out}")
+        return 0
     out = export_pipeline(path, Path(args.out), use_ema=args.ema, dtype=args.dtype, base=args.base)
     print(f"exported {path} ({'EMA' if args.ema else 'trained'} weights, {args.dtype}) to {out}")
     return 0
 
 
+def _parts(args: argparse.Namespace) -> str:
+    return "UNet" + (" + VAE" if args.with_vae else "") + (" + text encoders" if args.with_text_encoders else "")
+
+
 def configure(p: Any) -> None:
     p.add_argument("checkpoint", help="a checkpoint folder (step-N) or a run's output_dir (newest checkpoint)")
-    p.add_argument("--out", required=True, help="folder for the diffusers pipeline")
+    p.add_argument("--out", required=True, help="folder for the diffusers pipeline (a .safetensors file with --single-file)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights instead of the trained ones")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
     p.add_argument("--base", help="base pipeline for the other components (default: the run's model.pretrained)")
+    p.add_argument("--single-file", action="store_true",
+                   help="write one .safetensors in the original (ComfyUI / AUTOMATIC1111) layout, SDXL or SD 1.x; "
+                        "CHECKPOINT may also be a diffusers pipeline folder")
+    p.add_argument("--with-vae", action="store_true", help="--single-file: include the base pipeline's VAE")
+    p.add_argument("--with-text-encoders", action="store_true",
+                   help="--single-file: include the base pipeline's text encoders")

@@ -23,6 +23,28 @@ class DenoiserAdapter:
     model_class: str = "UNet2DConditionModel"  # diffusers class of the trained model
     pipeline_class: str = ""  # diffusers pipeline class an export loads with
     objective: str = "diffusion"  # "diffusion" (DDPM noise schedule) or "flow" (rectified flow)
+    # Pipeline constructor arguments that stand in for the text side (validation runs without it).
+    no_text: dict[str, Any] = {"tokenizer": None, "text_encoder": None}
+
+    def validation_pipeline(self, model: torch.nn.Module, vae: Any, scheduler: Any) -> Any:
+        """The family pipeline around the model being trained, without text encoders."""
+        import diffusers
+
+        pipe = getattr(diffusers, self.pipeline_class)(vae=vae, scheduler=scheduler, **{self.model_subfolder: model},
+                                                       **self.no_text)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def prompt_kwargs(self, embeds: dict[str, torch.Tensor], empty: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Pipeline call arguments from cached text fields: the prompt and the empty prompt as negative."""
+        names = {"prompt_embeds": "prompt_embeds", "pooled_prompt_embeds": "pooled_prompt_embeds",
+                 "prompt_mask": "prompt_attention_mask"}
+        kwargs: dict[str, Any] = {}
+        for field, arg in names.items():
+            if field in embeds:
+                kwargs[arg] = embeds[field]
+                kwargs[f"negative_{arg}"] = empty[field]
+        return kwargs
 
     def _load(self, config: Config) -> torch.nn.Module:
         import diffusers
@@ -60,6 +82,8 @@ class SdxlAdapter(DenoiserAdapter):
 
     family = "sdxl"
     pipeline_class = "StableDiffusionXLPipeline"
+    no_text = {"tokenizer": None, "tokenizer_2": None, "text_encoder": None, "text_encoder_2": None,
+               "add_watermarker": False}
 
     def load(self, config: Config) -> torch.nn.Module:
         return self._load(config)
@@ -92,6 +116,8 @@ class SdAdapter(DenoiserAdapter):
 
     family = "sd"
     pipeline_class = "StableDiffusionPipeline"
+    no_text = {"tokenizer": None, "text_encoder": None, "safety_checker": None, "feature_extractor": None,
+               "requires_safety_checker": False}
 
     def load(self, config: Config) -> torch.nn.Module:
         return self._load(config)
@@ -124,6 +150,10 @@ class MaskedTextAdapter(DenoiserAdapter):
     """DiT families conditioned on a long, masked text embedding (T5 for PixArt, Gemma for SANA)."""
 
     model_subfolder = "transformer"
+
+    def prompt_kwargs(self, embeds: dict[str, torch.Tensor], empty: dict[str, torch.Tensor]) -> dict[str, Any]:
+        # These pipelines default negative_prompt to "" and refuse it beside negative embeddings.
+        return {**super().prompt_kwargs(embeds, empty), "negative_prompt": None}
 
     def expected_cache(self, model: torch.nn.Module) -> dict[str, Any]:
         cfg = model.config

@@ -58,39 +58,43 @@ def _square_bucket(buckets: tuple[tuple[int, int], ...]) -> tuple[int, int]:
 @torch.no_grad()
 def image_grid(tr: Trainer) -> np.ndarray | None:
     """Denoise the cached validation prompts with the current weights; returns an HxWx3 uint8 grid."""
-    if not tr.validation_prompts or tr.config.model.family != "sdxl":
+    if not tr.validation_prompts:
         return None
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    import diffusers
 
     cfg = tr.config.model
-    vae = AutoencoderKL.from_pretrained(cfg.vae or cfg.pretrained, subfolder=None if cfg.vae else "vae").to(tr.dist.device)
-    scheduler = EulerDiscreteScheduler.from_pretrained(cfg.pretrained, subfolder="scheduler")
-    unet = tr.engine.module
-    was_training = unet.training
-    unet.eval()
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
-                                     unet=unet, scheduler=scheduler, add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
+    vae_cls = diffusers.AutoencoderDC if cfg.family == "sana" else diffusers.AutoencoderKL
+    vae = vae_cls.from_pretrained(cfg.vae or cfg.pretrained, subfolder=None if cfg.vae else "vae").to(tr.dist.device)
+    sched_cfg = diffusers.DDPMScheduler.load_config(cfg.pretrained, subfolder="scheduler")
+    scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
+    model = tr.engine.module
+    was_training = model.training
+    model.eval()
+    pipe = tr.adapter.validation_pipeline(model, vae, scheduler)
     h, w = _square_bucket(tr.cache.spec.buckets)
     dev, dt = tr.dist.device, tr.dtype
+    extra = {"use_resolution_binning": False} if "use_resolution_binning" in _call_args(pipe) else {}
     images = []
     for i in range(len(tr.validation_prompts)):
-        out = pipe(prompt_embeds=tr.validation_embeds["prompt_embeds"][i:i + 1].to(dev, dt),
-                   pooled_prompt_embeds=tr.validation_embeds["pooled_prompt_embeds"][i:i + 1].to(dev, dt),
-                   negative_prompt_embeds=tr.empty["prompt_embeds"].to(dev, dt),
-                   negative_pooled_prompt_embeds=tr.empty["pooled_prompt_embeds"].to(dev, dt),
-                   height=h, width=w, num_inference_steps=tr.config.train.validation_inference_steps,
-                   generator=torch.Generator(device="cpu").manual_seed(VALIDATION_SEED + i), output_type="latent")
-        # Decode in fp32 ourselves: the pipeline only upcasts fp16 VAEs, and bf16 latents meet an fp32 VAE here.
-        latents = out.images.float()
-        if vae.config.get("shift_factor") is not None:
-            latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-        else:
-            latents = latents / vae.config.scaling_factor
+        embeds = {k: v[i:i + 1].to(dev, dt if v.is_floating_point() else v.dtype) for k, v in tr.validation_embeds.items()}
+        empty = {k: v.to(dev, dt if v.is_floating_point() else v.dtype) for k, v in tr.empty.items()}
+        out = pipe(**tr.adapter.prompt_kwargs(embeds, empty), height=h, width=w,
+                   num_inference_steps=tr.config.train.validation_inference_steps, output_type="latent",
+                   generator=torch.Generator(device="cpu").manual_seed(VALIDATION_SEED + i), **extra)
+        # Decode in fp32 ourselves: pipelines only upcast fp16 VAEs, and bf16 latents meet an fp32 VAE here.
+        latents = out.images.float() / tr.cache.spec.scaling_factor
+        if tr.cache.spec.shift_factor is not None:
+            latents = latents + tr.cache.spec.shift_factor
         pixels = vae.decode(latents).sample[0].clamp(-1, 1)
-        images.append(((pixels.permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().astype(np.uint8))
-    unet.train(was_training)
+        images.append(((pixels.permute(1, 2, 0).float().cpu().numpy() + 1) * 127.5).round().astype(np.uint8))
+    model.train(was_training)
     return np.concatenate(images, axis=1)
+
+
+def _call_args(pipe: object) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(type(pipe).__call__).parameters)
 
 
 def validate(tr: Trainer) -> None:
