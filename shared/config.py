@@ -201,6 +201,17 @@ class EmaConfig(_Section):
     update_every: int = Field(default=1, ge=1, description="Update the EMA every N optimizer steps.")
 
 
+class LoraSection(_Section):
+    enabled: bool = Field(default=False, description="Train LoRA adapters (peft) instead of the full denoiser.")
+    rank: int = Field(default=16, ge=1, description="LoRA rank r.")
+    alpha: float = Field(default=16.0, gt=0, description="LoRA alpha (the update is scaled by alpha / rank).")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        description="Module names or regex (peft target_modules) that get adapters; default: attention projections.",
+    )
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
+
+
 class TrainConfig(_Section):
     output_dir: str = Field(description="Checkpoints, TensorBoard logs and exports go here.")
     max_steps: int = Field(gt=0, description="Optimizer steps to train.")
@@ -233,6 +244,7 @@ class TrainConfig(_Section):
         default=0.0, ge=0, le=1, description="Probability of zeroing SDXL's size/crop conditioning for a sample."
     )
     ema: EmaConfig = Field(default_factory=EmaConfig, description="Exponential moving average of the weights.")
+    lora: LoraSection = Field(default_factory=LoraSection, description="Low-rank adapters (peft) on the denoiser.")
     held_out_fraction: float = Field(
         default=0.0, ge=0, lt=1, description="Fraction of samples (by key hash) kept out of training for validation."
     )

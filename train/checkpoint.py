@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from latentforge.shared.faults import fault_point
+
 COMPLETE = "COMPLETE"
 _TAG_RE = re.compile(r"^step-(\d{8})$")
 
@@ -83,7 +85,7 @@ def _barrier() -> None:
 
 def save_checkpoint(engine: Any, output_dir: str | Path, step: int, trainer_state: dict[str, Any],
                     generators: dict[str, torch.Generator], rank: int, keep_last: int,
-                    ema_state: dict[str, torch.Tensor] | None = None) -> Path:
+                    ema_state: dict[str, torch.Tensor] | None = None, trainable_only: bool = False) -> Path:
     """Collective: every rank calls it. Rank 0 marks it COMPLETE last and prunes old checkpoints."""
     root = Path(output_dir) / "checkpoints"
     tag = tag_for(step)
@@ -91,9 +93,13 @@ def save_checkpoint(engine: Any, output_dir: str | Path, step: int, trainer_stat
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if path.exists():  # a half-written folder from a crash at this very step
+            (path / COMPLETE).unlink(missing_ok=True)  # marker first, as when pruning
             shutil.rmtree(path)
     _barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+    # LoRA runs keep only the adapters (and their optimizer state): the frozen base is the base model's.
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False,
+                           exclude_frozen_parameters=trainable_only)
+    fault_point("checkpoint:deepspeed_written")
     torch.save(_rng_state(generators), path / f"rng-rank{rank}.pt")
     if rank == 0:
         (path / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, default=str))
@@ -103,19 +109,27 @@ def save_checkpoint(engine: Any, output_dir: str | Path, step: int, trainer_stat
             save_file({k: v.contiguous() for k, v in ema_state.items()}, str(path / "ema.safetensors"))
     _barrier()  # every rank's files are on disk before the marker says so
     if rank == 0:
+        _fsync_tree(path)  # COMPLETE must never reach the disk before the files it vouches for
+        fault_point("checkpoint:state_written")
         _write_atomic(path / COMPLETE, tag)
+        fault_point("checkpoint:complete_written")
         _write_atomic(root / "latest", tag)
         for old in complete_checkpoints(root)[:-keep_last]:
+            # Marker first: a crash halfway through the delete leaves a folder `latest` ignores, never
+            # a COMPLETE folder with files missing.
+            (old / COMPLETE).unlink(missing_ok=True)
+            _fsync_dir(old)
+            fault_point("checkpoint:pruning")
             shutil.rmtree(old, ignore_errors=True)
     return path
 
 
 def load_checkpoint(engine: Any, path: Path, generators: dict[str, torch.Generator], rank: int,
-                    world: int) -> dict[str, Any]:
+                    world: int, trainable_only: bool = False) -> dict[str, Any]:
     """Restore engine, RNGs and return the trainer state. A different world size keeps the data order
     (the sampler state is global) but gets fresh per-rank RNG streams."""
     load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+                                          load_lr_scheduler_states=True, load_module_strict=not trainable_only)
     if load_path is None:
         raise FileNotFoundError(f"{path}: DeepSpeed could not load this checkpoint")
     state = json.loads((path / "trainer_state.json").read_text())
@@ -131,4 +145,33 @@ def _write_atomic(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    fault_point(f"write:{path.name}")
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync every file and folder of a checkpoint (DeepSpeed and torch.save do not), so a power loss
+    after COMPLETE cannot leave the marker on disk without the data."""
+    for folder, _, files in os.walk(path):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))

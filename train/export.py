@@ -43,8 +43,8 @@ def trained_state_dict(checkpoint: Path, use_ema: bool) -> dict[str, torch.Tenso
 
 
 def export_pipeline(checkpoint: Path, out: Path, *, use_ema: bool = False, dtype: str = "fp16",
-                    base: str | None = None) -> Path:
-    """Write the pipeline folder; returns `out`."""
+                    base: str | None = None, merge: bool = False) -> Path:
+    """Write the pipeline folder (LoRA runs: the adapter folder, or with `merge` a merged pipeline)."""
     if not (checkpoint / COMPLETE).is_file():
         raise FileNotFoundError(f"{checkpoint}: not a complete checkpoint (no {COMPLETE} marker)")
     state = json.loads((checkpoint / "trainer_state.json").read_text())
@@ -54,13 +54,20 @@ def export_pipeline(checkpoint: Path, out: Path, *, use_ema: bool = False, dtype
     import diffusers
 
     model_cls = getattr(diffusers, adapter.model_class)
-    model = model_cls.from_config(model_cls.load_config(base, subfolder=adapter.model_subfolder))
     weights = trained_state_dict(checkpoint, use_ema)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or (missing and not use_ema):
-        raise RuntimeError(f"{checkpoint}: weights do not fit {adapter.model_class} of {base} "
-                           f"(missing {len(missing)}, unexpected {len(unexpected)})")
     pipe_cls = getattr(diffusers, adapter.pipeline_class)
+    if state["config"]["train"].get("lora", {}).get("enabled"):
+        model = _lora_model(model_cls, base, adapter.model_subfolder, state, weights, checkpoint)
+        if not merge:
+            return _save_lora(pipe_cls, adapter.model_subfolder, model, out, state, checkpoint, use_ema)
+        model.fuse_lora()  # fold the low-rank update into the base weights, then drop the adapters
+        model.unload_lora()
+    else:
+        model = model_cls.from_config(model_cls.load_config(base, subfolder=adapter.model_subfolder))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected or (missing and not use_ema):
+            raise RuntimeError(f"{checkpoint}: weights do not fit {adapter.model_class} of {base} "
+                               f"(missing {len(missing)}, unexpected {len(unexpected)})")
     try:
         pipe = pipe_cls.from_pretrained(base, **{adapter.model_subfolder: model.to(DTYPES[dtype])}, torch_dtype=DTYPES[dtype])
     except (OSError, ValueError, TypeError) as exc:
@@ -70,6 +77,53 @@ def export_pipeline(checkpoint: Path, out: Path, *, use_ema: bool = False, dtype
     pipe.save_pretrained(tmp, safe_serialization=True)
     (tmp / "latentforge_export.json").write_text(json.dumps(
         {"checkpoint": str(checkpoint), "step": state["step"], "ema": use_ema, "dtype": dtype, "base": base}, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _lora_model(model_cls: Any, base: str, subfolder: str, state: dict[str, Any], weights: dict[str, torch.Tensor],
+                checkpoint: Path) -> Any:
+    """The base model with the run's LoRA layers, loaded with the trained adapter weights."""
+    from latentforge.shared.config import Config
+
+    from .families import add_lora
+
+    model = model_cls.from_pretrained(base, subfolder=subfolder, torch_dtype=torch.float32)
+    add_lora(model, Config.model_validate(state["config"]))
+    lora = {k: v for k, v in weights.items() if "lora_" in k}
+    _, unexpected = model.load_state_dict(lora, strict=False)
+    expected = {n for n, _ in model.named_parameters() if "lora_" in n}
+    if unexpected or set(lora) != expected:
+        raise RuntimeError(f"{checkpoint}: LoRA weights do not fit the run's adapters "
+                           f"({len(set(lora) & expected)} of {len(expected)} matched)")
+    return model
+
+
+def _save_lora(pipe_cls: Any, subfolder: str, model: Any, out: Path, state: dict[str, Any], checkpoint: Path,
+               use_ema: bool) -> Path:
+    """The adapter in the diffusers/peft layout `pipeline.load_lora_weights(out)` reads."""
+    from peft.utils import get_peft_model_state_dict
+
+    if not hasattr(pipe_cls, "save_lora_weights"):
+        raise FileNotFoundError(f"{pipe_cls.__name__} has no LoRA loader in diffusers; export with --merge instead")
+    import inspect
+
+    layers = {k: v.to(torch.float16) for k, v in get_peft_model_state_dict(model).items()}
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    kwargs: dict[str, Any] = {f"{subfolder}_lora_layers": layers}
+    # Without its metadata a loader assumes alpha == rank; store the run's LoraConfig so the scale survives.
+    meta = f"{subfolder}_lora_adapter_metadata"
+    if meta in inspect.signature(pipe_cls.save_lora_weights).parameters:
+        kwargs[meta] = model.peft_config["default"].to_dict()
+    else:  # no metadata slot: fold alpha / rank into the up projection instead
+        scale = model.peft_config["default"].lora_alpha / model.peft_config["default"].r
+        kwargs[f"{subfolder}_lora_layers"] = {k: v * scale if "lora_B" in k else v for k, v in layers.items()}
+    pipe_cls.save_lora_weights(tmp, **kwargs, safe_serialization=True)
+    (tmp / "latentforge_export.json").write_text(json.dumps(
+        {"checkpoint": str(checkpoint), "step": state["step"], "ema": use_ema, "lora": state["config"]["train"]["lora"]},
+        indent=2))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -108,7 +162,7 @@ def cli_entry(args: argparse.Namespace) -> int:
         print(f"exported {path} ({'EMA' if args.ema else 'trained'} weights; {_parts(args)}, {args.dtype}) "
               f"to the single file {out}")
         return 0
-    out = export_pipeline(path, Path(args.out), use_ema=args.ema, dtype=args.dtype, base=args.base)
+    out = export_pipeline(path, Path(args.out), use_ema=args.ema, dtype=args.dtype, base=args.base, merge=args.merge)
     print(f"exported {path} ({'EMA' if args.ema else 'trained'} weights, {args.dtype}) to {out}")
     return 0
 
@@ -123,6 +177,8 @@ def configure(p: Any) -> None:
     p.add_argument("--ema", action="store_true", help="export the EMA weights instead of the trained ones")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
     p.add_argument("--base", help="base pipeline for the other components (default: the run's model.pretrained)")
+    p.add_argument("--merge", action="store_true",
+                   help="LoRA runs: write a full pipeline with the adapter merged in (default: the adapter alone)")
     p.add_argument("--single-file", action="store_true",
                    help="write one .safetensors in the original (ComfyUI / AUTOMATIC1111) layout, SDXL or SD 1.x; "
                         "CHECKPOINT may also be a diffusers pipeline folder")

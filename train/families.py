@@ -58,6 +58,8 @@ class DenoiserAdapter:
         model = cls.from_pretrained(config.model.pretrained, subfolder=self.model_subfolder, torch_dtype=torch.float32, **kwargs)
         if config.train.gradient_checkpointing:
             model.enable_gradient_checkpointing()
+        if config.train.lora.enabled:
+            add_lora(model, config)
         return model
 
     def load(self, config: Config) -> torch.nn.Module:
@@ -75,6 +77,24 @@ class DenoiserAdapter:
     def forward(self, model: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 cond: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
+
+
+def lora_config(config: Config) -> Any:
+    """The peft LoraConfig of a run (also rebuilt at export, from the run's config snapshot)."""
+    from peft import LoraConfig
+
+    lora = config.train.lora
+    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules),
+                      lora_dropout=lora.dropout, init_lora_weights="gaussian")
+
+
+def add_lora(model: torch.nn.Module, config: Config) -> None:
+    """Freeze the denoiser and inject trainable LoRA layers (diffusers' peft integration)."""
+    model.requires_grad_(False)
+    model.add_adapter(lora_config(config))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable == 0:
+        raise ValueError(f"train.lora.target_modules={config.train.lora.target_modules} matched no module of the model")
 
 
 class SdxlAdapter(DenoiserAdapter):

@@ -81,7 +81,8 @@ class Trainer:
         self.history: list[float] = []  # mean loss of every optimizer step this process ran
         ckpt = find_checkpoint(t.output_dir, t.resume)
         if ckpt is not None:
-            resumed = load_checkpoint(self.engine, ckpt, {}, self.dist.rank, self.dist.world)
+            resumed = load_checkpoint(self.engine, ckpt, {}, self.dist.rank, self.dist.world,
+                                      trainable_only=t.lora.enabled)
             self.step = int(resumed["step"])
             self.state = self.schedule.load_state(resumed["sampler"])
             if self.ema is not None and (ckpt / "ema.safetensors").exists():
@@ -144,6 +145,7 @@ class Trainer:
         sampler = MicroBatchSampler(self.schedule, self.state, self.dist.rank, self.dist.world, t.micro_batch_size)
         batches = iter(build_loader(dataset, sampler, self.config))
         bar = _progress(self.dist.is_main, self.step, t.max_steps)
+        started = time.perf_counter()
         last: dict[str, float] = {}
         while self.step < stop:
             losses, wait = [], 0.0
@@ -175,16 +177,31 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", **({"samples/s": f"{last['perf/samples_per_s']:.1f}"} if last else {}))
         bar.close()
-        self.metrics.hparams(_hparams(self.config), {"final/loss": loss})
+        if self.dist.is_main:
+            self._write_run_summary(last, time.perf_counter() - started)
+        self.metrics.hparams(_hparams(self.config), {"final/loss": float(np.mean(self.history[-10:] or [float("nan")]))})
         self.metrics.close()
         return last
+
+    def _write_run_summary(self, last: dict[str, float], seconds: float) -> None:
+        """OUTPUT/run_summary.json: what two runs need to be compared side by side (TensorBoard has hparams too)."""
+        summary = {
+            "steps": self.step, "seconds": round(seconds, 2), "hparams": _hparams(self.config),
+            "final_loss_mean_last_10": float(np.mean(self.history[-10:])) if self.history else None,
+            "last_window": last, "world_size": self.dist.world, "global_batch": self.global_batch,
+            "train_samples": self.samples.num_train, "cache_fingerprint": self.cache.spec.fingerprint,
+            "trainable_parameters": sum(p.numel() for p in self.engine.module.parameters() if p.requires_grad),
+            "config": config_to_dict(self.config),
+        }
+        (self.output / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
     def save(self) -> Path:
         state = {"step": self.step, "sampler": self.state.to_dict(), "world_size": self.dist.world,
                  "cache_fingerprint": self.cache.spec.fingerprint, "config": config_to_dict(self.config)}
         return save_checkpoint(self.engine, self.config.train.output_dir, self.step, state, {},
                                self.dist.rank, self.config.train.keep_last,
-                               self.ema.state_dict() if self.ema is not None else None)
+                               self.ema.state_dict() if self.ema is not None else None,
+                               trainable_only=self.config.train.lora.enabled)
 
     def validate(self) -> None:
         from .validation import validate
@@ -213,7 +230,8 @@ def _hparams(config: Config) -> dict[str, Any]:
     return {"lr": t.lr, "micro_batch_size": t.micro_batch_size, "grad_accum": t.gradient_accumulation_steps,
             "snr_gamma": t.snr_gamma or 0.0, "noise_offset": t.noise_offset, "caption_dropout": t.caption_dropout,
             "prediction_type": t.prediction_type or "scheduler", "ema": t.ema.enabled, "family": config.model.family,
-            "zero_stage": int(config.deepspeed.get("zero_optimization", {}).get("stage", 0)), "seed": t.seed}
+            "zero_stage": int(config.deepspeed.get("zero_optimization", {}).get("stage", 0)), "seed": t.seed,
+            "lora_rank": t.lora.rank if t.lora.enabled else 0, "global_batch_per_rank": t.micro_batch_size * t.gradient_accumulation_steps}
 
 
 def run_train(config: Config) -> int:
