@@ -45,8 +45,12 @@ $(I2D_STAMP):
 	set -o pipefail; $(I2D_VENV)/bin/python -m pip install --quiet -r requirements-img2dataset.txt 2>&1 | $(QUIET_PIP)
 	touch $(I2D_STAMP)
 
+# Long fault-injection runs (@pytest.mark.soak) run only under `make soak`; docs/reliability.md.
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -m "not soak"
+
+soak: install
+	$(PY) -m pytest -q -p no:cacheprovider -m soak
 
 lint: install
 	$(PY) -m ruff check preprocess train shared tests bench

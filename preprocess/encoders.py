@@ -7,7 +7,6 @@ Encoding a batch that runs out of memory is retried in halves before a sample is
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from latentforge.shared.config import Config
+from latentforge.shared.file_hash import sha256_file
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -273,21 +273,6 @@ def load_text_encoder(config: Config, device: torch.device) -> Any:
     return cls(config, device)
 
 
-_HASH_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def _file_sha256(path: Path) -> str:
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _HASH_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        _HASH_CACHE[key] = h.hexdigest()
-    return _HASH_CACHE[key]
-
-
 def model_identity(config: Config) -> dict[str, Any]:
     """What the cached tensors depend on in the model: weight hashes for local folders, id+revision on the hub.
 
@@ -301,7 +286,7 @@ def model_identity(config: Config) -> dict[str, Any]:
             base = Path(src) / sub if sub else Path(src)
             for p in sorted(base.glob("*")):
                 if p.is_file() and p.suffix in (".safetensors", ".bin", ".json", ".txt", ".model"):
-                    files[f"{sub}/{p.name}" if sub else p.name] = _file_sha256(p)
+                    files[f"{sub}/{p.name}" if sub else p.name] = sha256_file(p)
         if not files:
             raise FileNotFoundError(f"model.pretrained: {src} holds no weights under {', '.join(subfolders)}")
         return {"files": files}

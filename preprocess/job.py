@@ -29,9 +29,12 @@ import torch
 
 from latentforge.shared.buckets import buckets_by_resolution, generate_bucket_set
 from latentforge.shared.cache_format import CacheSpec, GroupManifest, compute_fingerprint
+from latentforge.shared.cache_reader import CacheReader
 from latentforge.shared.cache_writer import CacheWriter
-from latentforge.shared.config import Config, SourceConfig, load_config
+from latentforge.shared.config import Config, ConfigError, SourceConfig, load_config
 from latentforge.shared.families import cached_fields, text_field_names
+from latentforge.shared.file_hash import sha256_file
+from latentforge.shared.preflight import check_model_paths
 
 from .encoders import VaeEncoder, load_text_encoder, model_identity
 from .images import SkipSample
@@ -70,8 +73,15 @@ class CacheJob:
             torch.backends.mkldnn.enabled = False
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
-        self.vae = VaeEncoder(config, self.device)
-        self.text = load_text_encoder(config, self.device)
+        try:
+            self.vae = VaeEncoder(config, self.device)
+        except OSError as exc:
+            raise _load_error("model.vae" if config.model.vae else "model.pretrained",
+                              config.model.vae or config.model.pretrained, "VAE", exc) from None
+        try:
+            self.text = load_text_encoder(config, self.device)
+        except OSError as exc:
+            raise _load_error("model.pretrained", config.model.pretrained, "text encoders", exc) from None
         self.resolutions = buckets_by_resolution(config.buckets.resolutions, config.buckets.step,
                                                  config.buckets.min_aspect, config.buckets.max_aspect)
         self.upscaler = Upscaler.from_config(config.upscale, self.device) if config.upscale.enabled else None
@@ -86,7 +96,7 @@ class CacheJob:
         upscale = cfg.upscale.model_dump()
         for key in ("model_path", "face_model_path"):  # the weights count, not where they are
             path = upscale.pop(key)
-            upscale[key.replace("_path", "_sha256")] = _sha256_file(path) if path and os.path.isfile(path) else None
+            upscale[key.replace("_path", "_sha256")] = sha256_file(path) if path and os.path.isfile(path) else None
         inputs = {
             "pipeline_version": PIPELINE_VERSION,
             "family": cfg.model.family,
@@ -174,6 +184,9 @@ class CacheJob:
         group.flush()
         stats.add("write", time.perf_counter() - t)
         stats.add("total", time.perf_counter() - t_read)
+        # Samples the reader dropped (no caption, bad json, ...) were read too: `seen` counts every
+        # sample, so skipped / seen is a true fraction (cache.max_skip_fraction).
+        stats.seen += reader.skipped_samples
         stats.skipped = sum(skips.counts.values())
         return group.commit(skipped=skips.as_dict(), stats={**stats.as_dict(), "input_content_hash": reader.content_hash})
 
@@ -212,11 +225,12 @@ class CacheJob:
         return rows
 
     # ---- the loop -------------------------------------------------------------------------------
-    def run(self, claim: Callable[[], int]) -> list[ShardStats | GroupManifest]:
+    def run(self, claim: Callable[[], int], shards: list[ShardRef] | None = None) -> list[ShardStats | GroupManifest]:
         """Process shards handed out by `claim` (the next index into the shared shard order)."""
         sources = self.config.data.sources
-        shards = sorted(list_shards(sources), key=lambda r: (-int(r.identity.get("size") or 0), r.group_id))
+        shards = list_input_shards(self.config) if shards is None else shards
         committed = {} if self.overwrite else self.writer.committed()
+        current = {ref.group_id: self.source_hash(ref, sources[ref.source_index]) for ref in shards}
         done: list[Any] = []
         from tqdm import tqdm
 
@@ -224,7 +238,8 @@ class CacheJob:
         while (index := claim()) < len(shards):
             ref = shards[index]
             source = sources[ref.source_index]
-            if self.writer.is_done(ref.group_id, self.source_hash(ref, source), committed):
+            if (self.writer.is_done(ref.group_id, current[ref.group_id], committed)
+                    and _duplicate_owners_unchanged(committed[ref.group_id], current)):
                 bar.update(1)
                 continue
             manifest = self.cache_shard(ref, source)
@@ -237,6 +252,80 @@ class CacheJob:
             bar.set_postfix(samples=manifest.num_samples, skipped=sum(v["count"] for v in manifest.skipped.values()))
         bar.close()
         return done
+
+    # ---- duplicate keys across shards -----------------------------------------------------------
+    def dedupe_across_shards(self) -> list[str]:
+        """A sample key lives in at most one group per source. Run by rank 0 once every rank is done.
+
+        Rule: the group with the smallest id (ids sort like the shard names: s0-00000 < s0-00001) keeps
+        every row of the key; a later group that also has it is rewritten without those rows (copied, not
+        re-encoded) and counts the sample as `duplicate_key`. The result depends only on the set of
+        committed groups, never on which rank cached which shard first, so one process and many give the
+        same cache. The rewritten group records the groups it deferred to (`stats.duplicate_of`, with their
+        input hashes): if one of them changes or disappears, the next run re-caches this group in full.
+        Returns the ids of the groups rewritten."""
+        reader = CacheReader(self.writer.storage.url, dict(self.config.cache.storage_options))
+        try:
+            keys: dict[str, set[str]] = {}
+            for bucket, n in sorted(reader.bucket_counts().items()):
+                rows = np.arange(n)
+                found = reader.read_rows(bucket, rows, fields=["key"])["key"]
+                for gid, key in zip(reader.group_ids(bucket, rows), found, strict=True):
+                    keys.setdefault(gid, set()).add(key)
+            manifests = {m.group_id: m for m in reader.groups}
+        finally:
+            reader.close()
+        owner: dict[tuple[Any, str], str] = {}
+        rewritten = []
+        for gid in sorted(keys):
+            manifest = manifests[gid]
+            source = manifest.source.get("source_index")
+            lost = {k: owner[(source, k)] for k in keys[gid] if owner.get((source, k), gid) != gid}
+            for k in keys[gid]:
+                owner.setdefault((source, k), gid)
+            if lost:
+                self._drop_duplicates(manifest, lost, manifests)
+                rewritten.append(gid)
+        return rewritten
+
+    def _drop_duplicates(self, manifest: GroupManifest, lost: dict[str, str], manifests: dict[str, GroupManifest]) -> None:
+        samples = sorted({k.removesuffix("#flip") for k in lost})
+        skipped = {reason: dict(entry) for reason, entry in manifest.skipped.items()}
+        entry = skipped.get("duplicate_key", {"count": 0, "examples": []})
+        examples = list(entry.get("examples", []))
+        for key in samples[: max(0, 1000 - len(examples))]:
+            examples.append(f"{manifest.group_id}/{key}: also in {lost.get(key, lost.get(key + '#flip'))}, "
+                            "which keeps it (smaller group id)")
+        skipped["duplicate_key"] = {"count": int(entry.get("count", 0)) + len(samples), "examples": examples}
+        stats = dict(manifest.stats)
+        deps = dict(stats.get("duplicate_of") or {})
+        deps.update({gid: manifests[gid].source_hash for gid in lost.values()})
+        stats["duplicate_of"] = dict(sorted(deps.items()))
+        log.info("group %s: %d samples whose keys are also in earlier groups dropped (duplicate_key)",
+                 manifest.group_id, len(samples))
+        self.writer.rewrite_group(manifest, set(lost), dict(sorted(skipped.items())), stats)
+
+
+def list_input_shards(config: Config) -> list[ShardRef]:
+    """Every input shard, in the order ranks claim them (largest first). A source that cannot be listed
+    is a config error (one line naming data.sources[i]), raised before anything is written."""
+    try:
+        refs = list_shards(config.data.sources)
+    except ValueError as exc:
+        raise ConfigError(f"config error: {exc}") from None
+    return sorted(refs, key=lambda r: (-int(r.identity.get("size") or 0), r.group_id))
+
+
+def _duplicate_owners_unchanged(manifest: GroupManifest, current: dict[str, str]) -> bool:
+    """A group rewritten without its duplicate keys stays done only while the groups that kept those
+    keys are still listed with the same input."""
+    deps = manifest.stats.get("duplicate_of") or {}
+    return all(current.get(gid) == source_hash for gid, source_hash in deps.items())
+
+
+def _load_error(key: str, value: str, what: str, exc: BaseException) -> ConfigError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return ConfigError(f"config error: {key}: cannot load the {what} from {value!r} ({first})")
 
 
 def _timed(reader: Iterable[Any], stats: ShardStats) -> Iterator[Any]:
@@ -260,14 +349,6 @@ def _fault_point(commits: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _distributed() -> tuple[int, int, Callable[[], int], Callable[[], None]]:
     """(rank, world, claim, barrier). Single process: a local counter. torchrun: the TCP store's counter."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -286,20 +367,37 @@ def _distributed() -> tuple[int, int, Callable[[], int], Callable[[], None]]:
 
 def run_cache(config: Config, overwrite: bool = False) -> int:
     """Run this process's share of the cache job; rank 0 writes the summary. Returns an exit code."""
+    flags = (torch.backends.mkldnn.enabled, torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    try:
+        return _run_cache(config, overwrite)
+    finally:
+        # In-process callers (tests, notebooks) get their backend switches back: the cache job's
+        # determinism settings must not change the numerics of a trainer run in the same process.
+        torch.backends.mkldnn.enabled, torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
+
+
+def _run_cache(config: Config, overwrite: bool) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # Everything that can be checked without loading a model or writing a byte, first.
+    check_model_paths(config)
+    shards = list_input_shards(config)
     _quiet_libraries()
     rank, world, claim, barrier = _distributed()
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     job = CacheJob(config, rank, world, overwrite)
     if rank == 0:
         job.cache_prompts()
-    done = job.run(claim)
+    done = job.run(claim, shards)
     log.info("rank %d: %d shards cached in %.1f s", rank, len(done), time.perf_counter() - t0)
     for url in job.failed_shards:
         log.warning("rank %d: shard %s could not be read; not committed, the next run retries it", rank, url)
     barrier()
     if rank != 0:
         return 0
+    job.dedupe_across_shards()
+    removed = job.writer.remove_litter(before=started)
+    if removed:
+        log.info("removed %d leftovers of interrupted writes from earlier runs", removed)
     summary = write_summary(job.writer, config, elapsed=time.perf_counter() - t0, world=world)
     print_summary(summary)
     seen = summary["samples_seen"]

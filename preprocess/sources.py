@@ -303,6 +303,7 @@ class ShardReader:
         self.ref, self.source, self.stats = ref, source, stats
         self.error: str | None = None
         self.yielded = 0
+        self.skipped_samples = 0  # samples read and dropped here (shard-level errors are not samples)
         self._digest = hashlib.blake2b(digest_size=32)
         self._done = False
         self._seen: set[str] = set()
@@ -319,6 +320,10 @@ class ShardReader:
         if not self._done:
             raise RuntimeError(f"shard {self.ref.group_id}: content_hash is known only after full iteration")
         return None if self.error else self._digest.hexdigest()
+
+    def _skip_sample(self, reason: str, detail: str) -> None:
+        self.skipped_samples += 1
+        self.stats.skip(reason, detail)
 
     def _fail(self, reason: str, detail: str) -> None:
         self.error = reason
@@ -370,7 +375,7 @@ class ShardReader:
                     data = fs.cat_file(f"{root.rstrip('/')}/{rel}")
                 except transport_errors() as exc:
                     self._digest.update(f"{rel}\0unreadable\0".encode())
-                    self.stats.skip("unreadable_file", f"{self.ref.group_id}/{rel}: {type(exc).__name__}")
+                    self._skip_sample("unreadable_file", f"{self.ref.group_id}/{rel}: {type(exc).__name__}")
                     break
                 # Framing (path, length) keeps renames and split points from hashing alike.
                 self._digest.update(f"{rel}\0{len(data)}\0".encode())
@@ -383,26 +388,26 @@ class ShardReader:
         """Validate one grouped sample; yield it, or count why it was skipped (first reason only)."""
         where = f"{self.ref.group_id}/{key}"
         if key in self._seen:
-            self.stats.skip("duplicate_key", f"{where}: key seen earlier in this shard")
+            self._skip_sample("duplicate_key", f"{where}: key seen earlier in this shard")
             return
         self._seen.add(key)
         ext = next((e for e in IMAGE_EXTS if e in files), None)
         if ext is None:
-            self.stats.skip("no_image", f"{where}: members {sorted(files)}")
+            self._skip_sample("no_image", f"{where}: members {sorted(files)}")
             return
         meta: Any = {}
         if "json" in files:
             try:
                 meta = json.loads(files["json"].decode("utf-8-sig"))
             except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-                self.stats.skip("bad_json", f"{where}: {type(exc).__name__}")
+                self._skip_sample("bad_json", f"{where}: {type(exc).__name__}")
                 return
             if not isinstance(meta, dict):
-                self.stats.skip("bad_json", f"{where}: top level is {type(meta).__name__}, not an object")
+                self._skip_sample("bad_json", f"{where}: top level is {type(meta).__name__}, not an object")
                 return
         failed = check_filters(self.source.filters, meta)
         if failed is not None:
-            self.stats.skip(failed[0], f"{where}: {failed[1]}")
+            self._skip_sample(failed[0], f"{where}: {failed[1]}")
             return
         field_name = self.source.caption_field
         if field_name == "txt" and "txt" not in files:
@@ -412,11 +417,11 @@ class ShardReader:
             try:
                 caption = files["txt"].decode("utf-8-sig")
             except UnicodeDecodeError as exc:
-                self.stats.skip("caption_not_utf8", f"{where}: byte {exc.start}")
+                self._skip_sample("caption_not_utf8", f"{where}: byte {exc.start}")
                 return
         if not isinstance(caption, str) or not caption.strip():
             if self.missing_caption != "empty":
-                self.stats.skip("no_caption", f"{where}: no .txt or {field_name!r} is empty or missing")
+                self._skip_sample("no_caption", f"{where}: no .txt or {field_name!r} is empty or missing")
                 return
             caption = ""
         self.yielded += 1

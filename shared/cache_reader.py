@@ -12,9 +12,11 @@ with zarr-python gives the same values; the conformance tests check both paths a
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import google_crc32c
@@ -36,6 +38,7 @@ from .cache_format import (
     describe_mismatch,
     parse_bucket_name,
 )
+from .file_hash import sha256_file
 from .storage import Storage
 
 _EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -98,6 +101,7 @@ class CacheReader:
             self._bucket_offsets[name] = np.cumsum([0] + [self._by_id[i].bucket_counts[name] for i in ids])
         self._row_arrays: dict[tuple[str, str, str], _RowArray] = {}
         self._small: dict[tuple[str, str, str], np.ndarray] = {}
+        self._checked: set[tuple[str, str, str]] = set()
 
     # ---- what is in the cache -------------------------------------------------------------------
     @property
@@ -125,6 +129,44 @@ class CacheReader:
             have = self.spec.field(name).shape[-1]
             if have != width:
                 raise describe_mismatch(f"{name} width", have, width, self.url)
+
+    def check_model_files(self, pretrained: str, vae: str | None = None) -> None:
+        """Raise `CacheMismatchError` when the model a run trains with holds encoder weights other than
+        those the cache was made with (same widths, other VAE or text encoder: `check_compatible` cannot
+        tell). Compares sha256 of the weight files (`*.safetensors`, `*.bin`) both sides have: the
+        cache's `fingerprint_inputs["model"]` against the folder's `vae/` (or `vae`), `text_encoder*/`.
+        What one side lacks (a training folder without text encoders, a hub id) is not compared, and
+        hub ids are compared by id only."""
+        ident = self.spec.fingerprint_inputs.get("model") if isinstance(self.spec.fingerprint_inputs, Mapping) else None
+        if not isinstance(ident, Mapping):
+            return
+        vae_side = ident.get("vae")
+        if isinstance(vae_side, Mapping):
+            source = vae or pretrained
+            # The cache names a pipeline's VAE files "vae/<file>" and a separate VAE's "<file>".
+            base = Path(source) if vae else Path(pretrained) / "vae"
+            self._compare_model_part("VAE", vae_side, source, base, strip="vae/")
+        text_side = ident.get("text")
+        if isinstance(text_side, Mapping):
+            self._compare_model_part("text encoder", text_side, pretrained, Path(pretrained), strip="")
+
+    def _compare_model_part(self, what: str, recorded: Mapping[str, Any], source: str, base: Path, strip: str) -> None:
+        if "hub_id" in recorded:
+            if not os.path.isdir(source) and recorded["hub_id"] != source:
+                raise describe_mismatch(f"{what} (hub id)", recorded["hub_id"], source, self.url)
+            return
+        files = recorded.get("files")
+        if not isinstance(files, Mapping) or not base.is_dir():
+            return
+        for name, digest in sorted(files.items()):
+            rel = name[len(strip):] if strip and name.startswith(strip) else name
+            local = base / rel
+            if not rel.endswith((".safetensors", ".bin")) or not local.is_file():
+                continue
+            have = sha256_file(local)
+            if have != digest:
+                raise describe_mismatch(f"{what} weights {name} (sha256)", str(digest)[:16],
+                                        f"{have[:16]} in {local}", self.url)
 
     # ---- reading rows -------------------------------------------------------------------------------
     def locate(self, bucket: tuple[int, int], rows: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -173,18 +215,57 @@ class CacheReader:
             key = (groups[gi], name, spec.name)
             whole = self._small.get(key)
             if whole is None:
-                store = self.storage.zarr_store(f"{SHARDS_DIR}/{groups[gi]}/{name}/{spec.name}", read_only=True)
-                whole = self._small[key] = np.asarray(zarr.open_array(store, mode="r")[:])
+                rel = f"{SHARDS_DIR}/{groups[gi]}/{name}/{spec.name}"
+                # zarr fills a missing chunk with the fill value: check the files first, or a deleted
+                # chunk would read as empty keys and zero sizes.
+                self._check_files(groups[gi], name, spec.name, checksums=True)
+                try:
+                    whole = np.asarray(zarr.open_array(self.storage.zarr_store(rel, read_only=True), mode="r")[:])
+                except Exception as exc:
+                    raise CacheFormatError(f"{self.storage.path(rel)}: unreadable ({type(exc).__name__}) in cache group "
+                                           f"{groups[gi]}; delete {self.storage.path(f'{SHARDS_DIR}/{groups[gi]}')} and "
+                                           "re-run the cache job") from None
+                self._small[key] = whole
             mask = gidx == gi
             result[mask] = whole[local[mask]]
         return result
+
+    def _check_files(self, group_id: str, name: str, field: str, checksums: bool) -> None:
+        """Every file of one (group, bucket, field) array that the manifest lists must exist with its
+        committed size (and crc32 when asked and recorded). Once per array per reader."""
+        key = (group_id, name, field)
+        if key in self._checked:
+            return
+        manifest = self._by_id[group_id]
+        prefix = f"{name}/{field}/"
+        on_disk = self.storage.file_sizes(f"{SHARDS_DIR}/{group_id}/{name}/{field}")  # one listing per array
+        for rel, size in sorted(manifest.files.items()):
+            if not rel.startswith(prefix):
+                continue
+            full = f"{SHARDS_DIR}/{group_id}/{rel}"
+            have = on_disk.get(rel[len(prefix):])
+            if have != size:
+                what = "is missing" if have is None else f"has {have} bytes, committed {size}"
+                raise CacheFormatError(f"{self.storage.path(full)} {what} (cache group {group_id}): the cache changed "
+                                       f"after commit; delete {self.storage.path(f'{SHARDS_DIR}/{group_id}')} and re-run "
+                                       "the cache job to re-cache that shard")
+            if checksums and rel in manifest.checksums and zlib.crc32(self.storage.read_bytes(full)) != manifest.checksums[rel]:
+                raise CacheFormatError(f"{self.storage.path(full)}: checksum mismatch (cache group {group_id}): the file "
+                                       f"is corrupt; delete {self.storage.path(f'{SHARDS_DIR}/{group_id}')} and re-run "
+                                       "the cache job to re-cache that shard")
+        self._checked.add(key)
 
     def _row_array(self, group_id: str, name: str, spec: FieldSpec) -> _RowArray:
         key = (group_id, name, spec.name)
         ra = self._row_arrays.get(key)
         if ra is None:
             rel = f"{SHARDS_DIR}/{group_id}/{name}/{spec.name}"
-            meta = json.loads(self.storage.read_text(f"{rel}/zarr.json"))
+            try:
+                meta = json.loads(self.storage.read_text(f"{rel}/zarr.json"))
+            except FileNotFoundError:
+                raise CacheFormatError(f"{self.storage.path(rel)}/zarr.json is missing (cache group {group_id}): the cache "
+                                       f"changed after commit; delete {self.storage.path(f'{SHARDS_DIR}/{group_id}')} and "
+                                       "re-run the cache job") from None
             (codec,) = meta["codecs"]
             if codec["name"] != "sharding_indexed" or codec["configuration"]["index_location"] != "end":
                 raise CacheFormatError(f"{self.storage.path(rel)}: expected a sharded array with the index at the end")
@@ -209,16 +290,23 @@ class CacheReader:
         if index is None:
             rel = ra.shard_file(shard)
             inner = rel[len(ra.rel) + 1:]
-            size = self.storage.file_size(rel) if inner in ra.expected_sizes else -1
+            try:
+                size: int | None = self.storage.file_size(rel) if inner in ra.expected_sizes else -1
+            except FileNotFoundError:
+                size = None
             if size != ra.expected_sizes.get(inner, -2):
+                group_id = rel.split("/")[1]
+                what = "is missing" if size is None else f"size {size} does not match the committed size {ra.expected_sizes.get(inner)}"
                 raise CacheFormatError(
-                    f"{self.storage.path(rel)}: size {size} does not match the committed size "
-                    f"{ra.expected_sizes.get(inner)}; the shard was modified or deleted after commit, re-run the cache job"
+                    f"{self.storage.path(rel)}: {what} (cache group {group_id}); the file was modified or deleted "
+                    f"after commit: delete {self.storage.path(f'{SHARDS_DIR}/{group_id}')} and re-run the cache job"
                 )
             nbytes = ra.shard_rows * 16 + 4
             raw = self.storage.read_range(rel, size - nbytes, nbytes)
             if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-                raise CacheFormatError(f"{self.storage.path(rel)}: shard index checksum mismatch; the file is corrupt")
+                raise CacheFormatError(f"{self.storage.path(rel)}: shard index checksum mismatch (cache group "
+                                       f"{rel.split('/')[1]}); the file is corrupt: delete "
+                                       f"{self.storage.path('/'.join(rel.split('/')[:2]))} and re-run the cache job")
             index = np.frombuffer(raw[:-4], dtype="<u8").reshape(ra.shard_rows, 2)
             ra.indexes[shard] = index
         return index
@@ -245,15 +333,20 @@ class CacheReader:
                 j += 1
             start = requests[i][1]
             blob = self.storage.read_range(requests[i][0], start, requests[j - 1][1] + requests[j - 1][2] - start)
-            for _file, offset, nbytes, pos, ra in requests[i:j]:
+            for file, offset, nbytes, pos, ra in requests[i:j]:
                 chunk = memoryview(blob)[offset - start: offset - start + nbytes]
                 target = out[pos]
-                if ra.decoder is None:
-                    target[...] = np.frombuffer(chunk, dtype=ra.dtype).reshape(target.shape)
-                elif isinstance(ra.decoder, numcodecs.Blosc):
-                    ra.decoder.decode(chunk, out=target)
-                else:
-                    target[...] = np.frombuffer(ra.decoder.decode(chunk), dtype=ra.dtype).reshape(target.shape)
+                try:
+                    if ra.decoder is None:
+                        target[...] = np.frombuffer(chunk, dtype=ra.dtype).reshape(target.shape)
+                    elif isinstance(ra.decoder, numcodecs.Blosc):
+                        ra.decoder.decode(chunk, out=target)
+                    else:
+                        target[...] = np.frombuffer(ra.decoder.decode(chunk), dtype=ra.dtype).reshape(target.shape)
+                except Exception as exc:  # a chunk that does not decode: corrupt bytes inside the file
+                    raise CacheFormatError(f"{self.storage.path(file)}: a chunk does not decode ({type(exc).__name__}) "
+                                           f"(cache group {file.split('/')[1]}); the file is corrupt: delete "
+                                           f"{self.storage.path('/'.join(file.split('/')[:2]))} and re-run the cache job") from None
             i = j
 
     # ---- prompts and integrity ------------------------------------------------------------------

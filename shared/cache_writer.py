@@ -8,9 +8,11 @@ global byte budget. Nothing is visible to readers until `commit()` writes `commi
 from __future__ import annotations
 
 import json
+import sys
 import uuid
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -23,14 +25,17 @@ from .cache_format import (
     PROMPTS_DIR,
     SHARDS_DIR,
     TMP_DIR,
+    UPSCALE_METHODS,
     CacheFormatError,
     CacheSpec,
     FieldSpec,
     GroupManifest,
     bucket_name,
     check_group_id,
+    parse_bucket_name,
 )
-from .storage import Storage
+from .faults import fault_point
+from .storage import Storage, StorageWriteError
 
 
 def _compressors(codec: str, itemsize: int) -> Any:
@@ -47,10 +52,7 @@ def to_storage(spec: FieldSpec, values: Any) -> np.ndarray:
     """Convert a batch (torch tensor, numpy array or list of str) to the field's on-disk numpy dtype."""
     if spec.dtype == "str":
         return np.asarray(list(values), dtype=object)
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a hard dependency; keep numpy-only callers working
-        torch = None
+    torch = sys.modules.get("torch")  # a tensor implies torch is imported; numpy callers never pay for it
     if torch is not None and isinstance(values, torch.Tensor):
         t = values.detach().cpu()
         if spec.dtype == "bfloat16":
@@ -99,18 +101,34 @@ class GroupWriter:
         self.max_buffer_bytes = max_buffer_bytes
         # Local disks: write under .tmp and rename; object stores: write in place, marker last.
         self.rel = f"{SHARDS_DIR}/{TMP_DIR}/{group_id}.{uuid.uuid4().hex[:12]}" if storage.is_local else f"{SHARDS_DIR}/{group_id}"
-        if not storage.is_local:
-            # A stale group at this name must stop counting as committed before we overwrite its files.
-            storage.remove_file(f"{self.rel}/{COMMIT_JSON}")
-            storage.remove_tree(self.rel)
-        self.root = zarr.open_group(storage.zarr_store(self.rel), mode="w", zarr_format=3)
-        self.root.attrs.update({"group_id": group_id, "fingerprint": spec.fingerprint, "source_hash": source_hash})
         self._arrays: dict[str, dict[str, Any]] = {}
         self._buffers: dict[str, dict[str, list[np.ndarray]]] = {}
         self._buffered_rows: dict[str, int] = {}
         self._counts: dict[str, int] = {}
         self._buffer_bytes = 0
         self._closed = False
+        with self._writing():
+            if not storage.is_local:
+                # A stale group at this name must stop counting as committed before we overwrite its files.
+                storage.remove_file(f"{self.rel}/{COMMIT_JSON}")
+                storage.remove_tree(self.rel)
+            self.root = zarr.open_group(storage.zarr_store(self.rel), mode="w", zarr_format=3)
+            self.root.attrs.update({"group_id": group_id, "fingerprint": spec.fingerprint, "source_hash": source_hash})
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A failed write (disk full, permission denied) becomes one `StorageWriteError` line; the group
+        is dropped (best effort, which also frees its space) and stays invisible: nothing is committed."""
+        try:
+            with self.storage.writing(self.rel):
+                yield
+        except StorageWriteError:
+            self._closed = True
+            try:
+                self.storage.remove_tree(self.rel)
+            except Exception:  # the store is failing anyway; readers never see an uncommitted group
+                pass
+            raise
 
     def add(self, bucket: tuple[int, int], rows: Mapping[str, Any]) -> None:
         """Append a batch of samples of one bucket: every field of the spec, leading dim = batch."""
@@ -140,11 +158,12 @@ class GroupWriter:
             self._buffer_bytes += arr.nbytes if arr.dtype != object else 64 * len(arr)
         self._buffered_rows[name] = self._buffered_rows.get(name, 0) + (n or 0)
         self._counts[name] = self._counts.get(name, 0) + (n or 0)
-        if self._buffered_rows[name] >= self.spec.shard_rows:
-            self._flush(name, aligned=True)
-        while self._buffer_bytes > self.max_buffer_bytes:
-            largest = max(self._buffered_rows, key=lambda b: self._buffered_rows[b])
-            self._flush(largest, aligned=False)
+        with self._writing():
+            if self._buffered_rows[name] >= self.spec.shard_rows:
+                self._flush(name, aligned=True)
+            while self._buffer_bytes > self.max_buffer_bytes:
+                largest = max(self._buffered_rows, key=lambda b: self._buffered_rows[b])
+                self._flush(largest, aligned=False)
 
     def _flush(self, name: str, aligned: bool) -> None:
         buf = self._buffers[name]
@@ -171,41 +190,47 @@ class GroupWriter:
 
     def flush(self) -> None:
         """Write every buffered row now (commit does this too; callers use it to time the writes)."""
-        for name in list(self._buffers):
-            self._flush(name, aligned=False)
+        with self._writing():
+            for name in list(self._buffers):
+                self._flush(name, aligned=False)
 
     def commit(self, skipped: Mapping[str, Any] | None = None, stats: Mapping[str, Any] | None = None) -> GroupManifest:
         """Flush everything, record sizes/checksums, write the marker last and (locally) rename into place."""
         self.flush()
-        self._closed = True
-        sizes = self.storage.file_sizes(self.rel)
-        checksums = {}
-        if self.storage.is_local:
-            for rel in sizes:
-                checksums[rel] = zlib.crc32(self.storage.read_bytes(f"{self.rel}/{rel}"))
-        manifest = GroupManifest(
-            group_id=self.group_id,
-            fingerprint=self.spec.fingerprint,
-            source=self.source,
-            source_hash=self.source_hash,
-            bucket_counts=dict(sorted(self._counts.items())),
-            files=sizes,
-            checksums=checksums,
-            skipped=dict(skipped or {}),
-            stats=dict(stats or {}),
-        )
-        self.storage.write_text_atomic(f"{self.rel}/{COMMIT_JSON}", manifest.to_json())
-        if self.storage.is_local:
-            final = f"{SHARDS_DIR}/{self.group_id}"
-            if self.storage.exists(final):
-                # A stale group of the same id (changed input or fingerprint): move it aside first, so
-                # the final name always holds one complete group.
-                trash = f"{SHARDS_DIR}/{TMP_DIR}/trash-{self.group_id}.{uuid.uuid4().hex[:8]}"
-                self.storage.rename_dir(final, trash)
-                self.storage.rename_dir(self.rel, final)
-                self.storage.remove_tree(trash)
-            else:
-                self.storage.rename_dir(self.rel, final)
+        with self._writing():
+            self._closed = True
+            fault_point("group:files_written")
+            sizes = self.storage.file_sizes(self.rel)
+            checksums = {}
+            if self.storage.is_local:
+                for rel in sizes:
+                    checksums[rel] = zlib.crc32(self.storage.read_bytes(f"{self.rel}/{rel}"))
+            manifest = GroupManifest(
+                group_id=self.group_id,
+                fingerprint=self.spec.fingerprint,
+                source=self.source,
+                source_hash=self.source_hash,
+                bucket_counts=dict(sorted(self._counts.items())),
+                files=sizes,
+                checksums=checksums,
+                skipped=dict(skipped or {}),
+                stats=dict(stats or {}),
+            )
+            self.storage.write_text_atomic(f"{self.rel}/{COMMIT_JSON}", manifest.to_json())
+            if self.storage.is_local:
+                fault_point("group:before_rename")
+                final = f"{SHARDS_DIR}/{self.group_id}"
+                if self.storage.exists(final):
+                    # A stale group of the same id (changed input or fingerprint): move it aside first, so
+                    # the final name always holds one complete group.
+                    trash = f"{SHARDS_DIR}/{TMP_DIR}/trash-{self.group_id}.{uuid.uuid4().hex[:8]}"
+                    self.storage.rename_dir(final, trash)
+                    fault_point("group:old_moved")
+                    self.storage.rename_dir(self.rel, final)
+                    self.storage.remove_tree(trash)
+                else:
+                    self.storage.rename_dir(self.rel, final)
+        fault_point("group:committed")
         return manifest
 
     def abort(self) -> None:
@@ -256,6 +281,69 @@ class CacheWriter:
         """Remove leftovers of crashed writers (only safe when no other writer is running)."""
         self.storage.remove_tree(f"{SHARDS_DIR}/{TMP_DIR}")
 
+    def remove_litter(self, before: float) -> int:
+        """Local disks: delete what crashed writers left behind (groups and prompts being written, temp
+        files of atomic writes) that was last modified before `before` (the start of this job, so a
+        writer that is still running is never touched). Object stores write in place: nothing to do.
+        Returns how many entries were removed."""
+        if not self.storage.is_local:
+            return 0
+        tmp = f"{SHARDS_DIR}/{TMP_DIR}"
+        stale = [f"{tmp}/{name}" for name in self.storage.listdir(tmp)]
+        stale += [name for name in self.storage.listdir("")
+                  if name.startswith(f"{PROMPTS_DIR}.") and name.endswith((".tmp", ".old"))]
+        stale += [name for name in self.storage.listdir("") if name.endswith(".tmp") and ".json." in name]
+        removed = 0
+        for rel in stale:
+            mtime = self.storage.mtime(rel)
+            if mtime is not None and mtime < before:
+                self.storage.remove_tree(rel)  # a folder or a file
+                removed += 1
+        return removed
+
+    def rewrite_group(self, manifest: GroupManifest, drop_keys: set[str], skipped: Mapping[str, Any],
+                      stats: Mapping[str, Any]) -> GroupManifest:
+        """Commit a committed group again without the rows whose key is in `drop_keys` (rows are copied,
+        not recomputed), with new skip counts and stats. Atomic like any commit: readers see the old group
+        or the new one. `stats["upscale"]` is recounted from the rows kept."""
+        src = f"{SHARDS_DIR}/{manifest.group_id}"
+        copy = None
+        if not self.storage.is_local:  # the new group is written in place: read from a copy
+            copy = f"{SHARDS_DIR}/{TMP_DIR}/{manifest.group_id}.{uuid.uuid4().hex[:12]}"
+            self.storage.copy_tree(src, copy)
+            src = copy
+        old = zarr.open_group(self.storage.zarr_store(src, read_only=True), mode="r")
+        names = {code: name for name, code in UPSCALE_METHODS.items()}
+        upscale: dict[str, int] = {}
+        group = self.group(manifest.group_id, manifest.source, manifest.source_hash)
+        try:
+            for bucket_rel, n in sorted(manifest.bucket_counts.items()):
+                arrays = {f.name: old[f"{bucket_rel}/{f.name}"] for f in self.spec.fields}
+                for start in range(0, n, self.spec.shard_rows):
+                    stop = min(n, start + self.spec.shard_rows)
+                    keys = [str(k) for k in np.asarray(arrays["key"][start:stop])]
+                    keep = np.array([k not in drop_keys for k in keys], dtype=bool)
+                    if not keep.any():
+                        continue
+                    rows = {name: np.asarray(arr[start:stop])[keep] for name, arr in arrays.items()}
+                    rows["key"] = [k for k, kept in zip(keys, keep, strict=True) if kept]
+                    if "upscale_method" in rows:
+                        for code in rows["upscale_method"].tolist():
+                            upscale[names.get(int(code), str(code))] = upscale.get(names.get(int(code), str(code)), 0) + 1
+                    group.add(parse_bucket_name(bucket_rel), rows)
+            fault_point("dedup:rewrite")
+            new_stats = dict(stats)
+            if "upscale" in new_stats:
+                new_stats["upscale"] = upscale
+            return group.commit(skipped=skipped, stats=new_stats)
+        except BaseException:
+            if not group._closed:
+                group.abort()
+            raise
+        finally:
+            if copy is not None:
+                self.storage.remove_tree(copy)
+
     def write_prompts(self, empty: Mapping[str, Any], prompts: Sequence[str], embeddings: Mapping[str, Any],
                       marker: Mapping[str, Any] | None = None) -> None:
         """Cache the empty-prompt embedding (train-time caption dropout) and the validation prompts.
@@ -264,21 +352,29 @@ class CacheWriter:
         """
         text_fields = [self.spec.field(name) for name in empty]
         rel = f"{PROMPTS_DIR}.{uuid.uuid4().hex[:8]}.tmp" if self.storage.is_local else PROMPTS_DIR
-        if not self.storage.is_local:
-            self.storage.remove_file(f"{PROMPTS_DIR}/{COMMIT_JSON}")
-        root = zarr.open_group(self.storage.zarr_store(rel), mode="w", zarr_format=3)
-        root.attrs["prompts"] = list(prompts)
-        for sub, rows, n in (("empty", empty, 1), ("validation", embeddings, len(prompts))):
-            g = root.create_group(sub)
-            for f in text_fields:
-                data = to_storage(f, rows[f.name]) if n else np.zeros((0, *f.row_shape((0, 0), 1)), f.storage_dtype)
-                if data.shape[0] != n:
-                    raise ValueError(f"prompts/{sub}/{f.name}: {data.shape[0]} rows, expected {n}")
-                g.create_array(f.name, data=data, attributes={"logical_dtype": f.dtype})
-        self.storage.write_text_atomic(f"{rel}/{COMMIT_JSON}", json.dumps({"complete": True, **(marker or {})}))
-        if self.storage.is_local:
-            old = f"{PROMPTS_DIR}.{uuid.uuid4().hex[:8]}.old"
-            if self.storage.exists(PROMPTS_DIR):
-                self.storage.rename_dir(PROMPTS_DIR, old)
-            self.storage.rename_dir(rel, PROMPTS_DIR)
-            self.storage.remove_tree(old)
+        try:
+            with self.storage.writing(rel):
+                if not self.storage.is_local:
+                    self.storage.remove_file(f"{PROMPTS_DIR}/{COMMIT_JSON}")
+                root = zarr.open_group(self.storage.zarr_store(rel), mode="w", zarr_format=3)
+                root.attrs["prompts"] = list(prompts)
+                for sub, rows, n in (("empty", empty, 1), ("validation", embeddings, len(prompts))):
+                    g = root.create_group(sub)
+                    for f in text_fields:
+                        data = to_storage(f, rows[f.name]) if n else np.zeros((0, *f.row_shape((0, 0), 1)), f.storage_dtype)
+                        if data.shape[0] != n:
+                            raise ValueError(f"prompts/{sub}/{f.name}: {data.shape[0]} rows, expected {n}")
+                        g.create_array(f.name, data=data, attributes={"logical_dtype": f.dtype})
+                fault_point("prompts:files_written")
+                self.storage.write_text_atomic(f"{rel}/{COMMIT_JSON}", json.dumps({"complete": True, **(marker or {})}))
+                if self.storage.is_local:
+                    old = f"{PROMPTS_DIR}.{uuid.uuid4().hex[:8]}.old"
+                    if self.storage.exists(PROMPTS_DIR):
+                        self.storage.rename_dir(PROMPTS_DIR, old)
+                        fault_point("prompts:old_moved")
+                    self.storage.rename_dir(rel, PROMPTS_DIR)
+                    self.storage.remove_tree(old)
+        except StorageWriteError:
+            if self.storage.is_local:
+                self.storage.remove_tree(rel)
+            raise

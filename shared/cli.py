@@ -14,8 +14,10 @@ from collections.abc import Callable, Sequence
 
 from .cache_format import CacheFormatError
 from .config import ConfigError, describe_config, load_config
+from .storage import StorageWriteError
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -114,8 +116,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"latentforge {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (FileNotFoundError, CacheFormatError) as exc:
-        print(f"latentforge {args.command}: {exc}", file=sys.stderr)
+        print(f"latentforge {args.command}: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    except StorageWriteError as exc:  # disk full, permission denied: the environment, not the config
+        print(f"latentforge {args.command}: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error's own line. A DataLoader worker's exception arrives re-raised with the worker's whole
+    traceback as its message; its last line is the original `module.Class: message`."""
+    text = str(exc).strip()
+    if "\n" not in text:
+        return text
+    last = text.splitlines()[-1]
+    prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    return last.removeprefix(prefix)
 
 
 if __name__ == "__main__":  # pragma: no cover

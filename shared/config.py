@@ -330,7 +330,9 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 
 def _format_error(exc: ValidationError, source: str) -> str:
-    err = exc.errors()[0]
+    # A misspelt required key shows up twice: as missing and as unknown. Name the misspelling.
+    errors = exc.errors()
+    err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(err["loc"])
     path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "<root>"
     kind = err["type"]

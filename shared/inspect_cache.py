@@ -21,12 +21,13 @@ numpy/torch/zarr/PIL/diffusers load when the command runs.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from .file_hash import sha256_file
 
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
@@ -266,19 +267,11 @@ def resolve_vae(spec: Any, model: str | None) -> tuple[str, str | None, list[str
                 if k.endswith((".safetensors", ".bin"))} if isinstance(vae_ident, dict) else {}
     if recorded:
         local = {f.name: f for f in folder.iterdir() if f.is_file() and f.name in recorded}
-        same = local and all(_sha256(f) == recorded[name] for name, f in local.items())
+        same = local and all(sha256_file(f) == recorded[name] for name, f in local.items())
         notes.append("VAE weights match the cache's fingerprint" if same else
                      f"warning: the VAE in {model} is not the one this cache was made with (weight hashes differ); "
                      "the grids may not show what was cached")
     return str(p), sub, notes
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_vae(source: str, subfolder: str | None, family: str) -> Any:

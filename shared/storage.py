@@ -8,14 +8,34 @@ environment or a credentials file.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import fsspec
+
+from .faults import fault_point
+
+
+class StorageWriteError(RuntimeError):
+    """A write to the cache location failed (disk full, permission denied, read-only file system...).
+
+    One line naming the file (or folder) and the reason; the message never carries the OS error's own
+    text beyond `strerror(errno)`, because object-store errors can echo request details.
+    """
+
+    def __init__(self, where: str, exc: BaseException) -> None:
+        code = getattr(exc, "errno", None)
+        name = errno.errorcode.get(code) if isinstance(code, int) else None
+        why = f"{os.strerror(code)} [{name}]" if name else type(exc).__name__
+        self.where, self.errno = where, code
+        super().__init__(f"cannot write {where}: {why}; committed data is intact, fix the storage and re-run")
 
 
 class Storage:
@@ -35,8 +55,28 @@ class Storage:
     def path(self, rel: str = "") -> str:
         return f"{self.url}/{rel}" if rel else self.url
 
+    @contextmanager
+    def writing(self, rel: str = "") -> Iterator[None]:
+        """Turn an OSError raised while writing under `rel` into one `StorageWriteError` line."""
+        try:
+            yield
+        except StorageWriteError:
+            raise
+        except OSError as exc:
+            where = exc.filename if isinstance(exc.filename, str) and self.is_local else self.path(rel)
+            raise StorageWriteError(where, exc) from None
+
+    def _fresh(self, target: str) -> None:
+        # Object-store listings are cached per process; other ranks and zarr's own (async) filesystem
+        # instance write behind this one's back, so never answer "what is there" from that cache.
+        if not self.is_local:
+            self.fs.invalidate_cache(target)
+
     def exists(self, rel: str) -> bool:
-        return os.path.exists(self.path(rel)) if self.is_local else self.fs.exists(self.path(rel))
+        if self.is_local:
+            return os.path.exists(self.path(rel))
+        self._fresh(self.path(rel))
+        return self.fs.exists(self.path(rel))
 
     def read_bytes(self, rel: str) -> bytes:
         if self.is_local:
@@ -49,23 +89,32 @@ class Storage:
     def write_text_atomic(self, rel: str, text: str) -> None:
         """Readers see the old content or the new one, never a torn write."""
         target = self.path(rel)
-        if not self.is_local:
-            self.fs.pipe_file(target, text.encode("utf-8"))
-            return
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        tmp = f"{target}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        _fsync_dir(os.path.dirname(target))
+        with self.writing(rel):
+            if not self.is_local:
+                fault_point("write:" + rel.rsplit("/", 1)[-1])  # an object PUT is atomic: nothing to tear
+                self.fs.pipe_file(target, text.encode("utf-8"))
+                return
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+            try:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.write(text)
+                    f.flush()
+                    os.fsync(f.fileno())
+                fault_point("write:" + rel.rsplit("/", 1)[-1])
+                os.replace(tmp, target)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise
+            _fsync_dir(os.path.dirname(target))
 
     def listdir(self, rel: str) -> list[str]:
         """Names (not paths) of entries directly under `rel`; empty if it does not exist."""
         base = self.path(rel)
         if self.is_local:
             return sorted(os.listdir(base)) if os.path.isdir(base) else []
+        self._fresh(base)
         try:
             return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False))
         except FileNotFoundError:
@@ -81,6 +130,7 @@ class Storage:
                     full = os.path.join(d, name)
                     out[os.path.relpath(full, base)] = os.path.getsize(full)
             return out
+        self._fresh(base)
         root = self.fs._strip_protocol(base).rstrip("/")
         for full, info in self.fs.find(base, detail=True).items():
             out[full[len(root) :].lstrip("/")] = int(info["size"])
@@ -89,23 +139,49 @@ class Storage:
     def remove_tree(self, rel: str) -> None:
         target = self.path(rel)
         if self.is_local:
-            shutil.rmtree(target, ignore_errors=True)
-        elif self.fs.exists(target):
-            self.fs.rm(target, recursive=True)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target, ignore_errors=True)
+            elif os.path.lexists(target):
+                os.remove(target)
+            return
+        with self.writing(rel):
+            if self.exists(rel):
+                self.fs.rm(target, recursive=True)
 
     def remove_file(self, rel: str) -> None:
         target = self.path(rel)
-        if self.is_local:
-            if os.path.exists(target):
-                os.remove(target)
-        elif self.fs.exists(target):
-            self.fs.rm_file(target)
+        with self.writing(rel):
+            if self.is_local:
+                if os.path.exists(target):
+                    os.remove(target)
+            elif self.exists(rel):
+                self.fs.rm_file(target)
 
     def rename_dir(self, src: str, dst: str) -> None:
         """Atomic on local disks: the group appears at its final name complete or not at all."""
         assert self.is_local, "object stores use the commit marker, not renames"
-        os.rename(self.path(src), self.path(dst))
-        _fsync_dir(os.path.dirname(self.path(dst)))
+        with self.writing(dst):
+            os.rename(self.path(src), self.path(dst))
+            _fsync_dir(os.path.dirname(self.path(dst)))
+
+    def copy_tree(self, src: str, dst: str) -> None:
+        """Copy a folder (object stores: server-side copies), e.g. to keep a readable copy of a group
+        while it is rewritten in place."""
+        with self.writing(dst):
+            if self.is_local:
+                shutil.copytree(self.path(src), self.path(dst))
+            else:
+                self._fresh(self.path(src))
+                self.fs.copy(self.path(src), self.path(dst), recursive=True)
+
+    def mtime(self, rel: str) -> float | None:
+        """Last-modified time (seconds since the epoch) of a local file or folder; None if unknown."""
+        if not self.is_local:
+            return None
+        try:
+            return os.stat(self.path(rel)).st_mtime
+        except FileNotFoundError:
+            return None
 
     def zarr_store(self, rel: str, read_only: bool = False) -> Any:
         from zarr.storage import FsspecStore, LocalStore
@@ -133,6 +209,7 @@ class Storage:
     def file_size(self, rel: str) -> int:
         if self.is_local:
             return os.path.getsize(self.path(rel))
+        self._fresh(self.path(rel))
         return int(self.fs.size(self.path(rel)))
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from reliability_support import snapshot
 
 from latentforge.preprocess.job import run_cache
 from latentforge.shared.cache_format import UPSCALE_METHODS
@@ -26,19 +27,6 @@ def overrides(tiny: Path, data: Path, cache: Path, *extra: str) -> list[str]:
     # The demo config also has a folder copy of the same photos; these tests cache the tars only.
     sources = f"data.sources=[{{type: webdataset, path: '{data}/webdataset/{{00000..00003}}.tar'}}]"
     return [f"model.pretrained={tiny}", sources, f"cache.path={cache}", f"train.output_dir={cache.parent / 'run'}", *extra]
-
-
-def snapshot(cache: Path) -> dict:
-    """Every committed sample of a cache, keyed by sample key: its fields as numpy arrays."""
-    reader = CacheReader(str(cache))
-    out = {}
-    for bucket, n in reader.bucket_counts().items():
-        rows = reader.read_rows(bucket, range(n))
-        for i, key in enumerate(rows["key"]):
-            assert key not in out, f"duplicate key {key}"
-            out[key] = {k: (v[i].view(torch.uint16).numpy() if v.dtype == torch.bfloat16 else v[i].numpy())
-                        for k, v in rows.items() if k != "key"}
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import gzip
 import hashlib
 import http.server
 import io
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from reliability_support import write_tar
 
 from latentforge.preprocess.source_checks import SKIP_REASONS, redact_url
 from latentforge.preprocess.sources import (
@@ -49,16 +49,6 @@ def _jpeg(shade: int = 128) -> bytes:
     return buf.getvalue()
 
 
-def _tar(path: Path, members: list[tuple[str, bytes]], *, gz: bool = False) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime = len(data), 0
-            tar.addfile(info, io.BytesIO(data))
-    path.write_bytes(gzip.compress(buf.getvalue(), mtime=0) if gz else buf.getvalue())
-    return path
 
 
 def _sample(key: str, caption: str | None = "a photo", meta: dict[str, Any] | None = None,
@@ -128,19 +118,19 @@ def test_listing_is_deterministic_and_identity_is_stat_only(demo: DemoDataSummar
 
 def test_nested_glob_ids_are_relative_to_the_pattern_and_unique(tmp_path: Path) -> None:
     for rel in ("a/shard-0.tar", "a/shard-1.tar", "b/shard-0.tar", "a_b.tar", "a/b.tar"):
-        _tar(tmp_path / "root" / rel, _sample("000000001"))
+        write_tar(tmp_path / "root" / rel, _sample("000000001"))
     refs = list_shards([_src(tmp_path / "root/*/shard-*.tar"), _src(tmp_path / "root/{a_b,a/b}.tar")])
     ids = [r.group_id for r in refs]
     assert ids[:3] == ["s0-a_shard-0", "s0-a_shard-1", "s0-b_shard-0"]
     assert len(set(ids)) == len(ids) and all(check_group_id(i) for i in ids)
     assert ids[3].startswith("s1-a_b-") and ids[4].startswith("s1-a_b-")  # clash disambiguated by url hash
     # Ids depend on the pattern's folder, not on what else matched: adding a shard renames nothing.
-    _tar(tmp_path / "root/c/shard-0.tar", _sample("000000001"))
+    write_tar(tmp_path / "root/c/shard-0.tar", _sample("000000001"))
     assert [r.group_id for r in list_shards([_src(tmp_path / "root/*/shard-*.tar")])][:3] == ids[:3]
 
 
 def test_sources_that_match_nothing_fail_in_one_line(tmp_path: Path) -> None:
-    _tar(tmp_path / "wds/00000.tar", _sample("000000001"))
+    write_tar(tmp_path / "wds/00000.tar", _sample("000000001"))
     (tmp_path / "empty").mkdir()
     cases = [
         (_src(tmp_path / "nope/*.tar"), "matched no tar shards"),
@@ -159,8 +149,8 @@ def test_sources_that_match_nothing_fail_in_one_line(tmp_path: Path) -> None:
 
 def test_brace_range_with_missing_member_is_listed_then_reported(tmp_path: Path,
                                                                  caplog: pytest.LogCaptureFixture) -> None:
-    _tar(tmp_path / "00000.tar", _sample("000000001"))
-    _tar(tmp_path / "00002.tar", _sample("000000003"))
+    write_tar(tmp_path / "00000.tar", _sample("000000001"))
+    write_tar(tmp_path / "00002.tar", _sample("000000003"))
     src = _src(tmp_path / "{00000..00002}.tar")
     refs = list_shards([src])
     assert [r.group_id for r in refs] == ["s0-00000", "s0-00001", "s0-00002"]
@@ -173,7 +163,7 @@ def test_brace_range_with_missing_member_is_listed_then_reported(tmp_path: Path,
 
 
 def test_gzipped_tar_streams(tmp_path: Path) -> None:
-    _tar(tmp_path / "00000.tar.gz", _sample("000000001") + _sample("000000002"), gz=True)
+    write_tar(tmp_path / "00000.tar.gz", _sample("000000001") + _sample("000000002"), gz=True)
     refs = list_shards([_src(tmp_path / "*.tar.gz")])
     assert refs[0].group_id == "s0-00000"
     samples, stats = _read([_src(tmp_path / "*.tar.gz")])
@@ -273,7 +263,7 @@ def test_filters(tmp_path: Path, field: str, op: str, value: Any, kept: list[str
     members += _sample("7", meta={"score": None, "lang": None})  # null
     members += _sample("8", meta={"score": "n/a", "lang": "en"})  # incomparable with 3
     members += _sample("9")  # no json at all
-    _tar(tmp_path / "00000.tar", members)
+    write_tar(tmp_path / "00000.tar", members)
     filt = [{"field": field, "op": op, "value": value}]
     samples, stats = _read([_src(tmp_path / "00000.tar", filters=filt)])
     extra = {"score": {"==": [], "!=": ["8"]}, "lang": {"in": ["6", "8"], "not in": []}}[field].get(op, [])
@@ -284,7 +274,7 @@ def test_filters(tmp_path: Path, field: str, op: str, value: Any, kept: list[str
 
 
 def test_filter_in_needs_a_list(tmp_path: Path) -> None:
-    _tar(tmp_path / "00000.tar", _sample("1"))
+    write_tar(tmp_path / "00000.tar", _sample("1"))
     with pytest.raises(ValueError, match=r"data.sources\[0\].filters\[0\]: op 'in' needs a list"):
         list_shards([_src(tmp_path / "00000.tar", filters=[{"field": "lang", "op": "in", "value": "en"}])])
 
@@ -306,7 +296,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path: Path) -> None:
         + [("README", b"no dot"), ("._000000009.jpg", b"mac junk")]
         + _sample("000000010", image=_jpeg(7), ext="webp")
     )
-    _tar(tmp_path / "00000.tar", members)
+    write_tar(tmp_path / "00000.tar", members)
     samples, stats = _read([_src(tmp_path / "00000.tar")])
     assert [s.key for s in samples] == ["000000001", "000000008", "000000010"]
     assert samples[1].caption == "a photo"  # the first .txt wins
@@ -320,7 +310,7 @@ def _good_members(n: int) -> list[tuple[str, bytes]]:
 
 
 def test_truncated_tars_keep_earlier_samples(tmp_path: Path) -> None:
-    whole = _tar(tmp_path / "whole.tar", _good_members(4)).read_bytes()
+    whole = write_tar(tmp_path / "whole.tar", _good_members(4)).read_bytes()
     # Cut inside the third sample's image data, and exactly at a member boundary (no end marker).
     with tarfile.open(tmp_path / "whole.tar") as tar:
         third = tar.getmember("000000002.jpg")
@@ -340,14 +330,14 @@ def test_truncated_tars_keep_earlier_samples(tmp_path: Path) -> None:
 def test_not_a_tar_and_empty_file_skip_the_shard_and_the_job_goes_on(tmp_path: Path) -> None:
     (tmp_path / "00000.tar").write_bytes(_jpeg() * 40)
     (tmp_path / "00001.tar").write_bytes(b"")
-    _tar(tmp_path / "00002.tar", _good_members(2))
+    write_tar(tmp_path / "00002.tar", _good_members(2))
     samples, stats = _read([_src(tmp_path / "*.tar")])
     assert [s.key for s in samples] == ["000000000", "000000001"]
     assert stats["not_a_tar"] == 2 and stats.total == 2
 
 
 def test_unreadable_shard_names_the_error_class_only(tmp_path: Path) -> None:
-    _tar(tmp_path / "00000.tar", _good_members(1))
+    write_tar(tmp_path / "00000.tar", _good_members(1))
     src = _src(tmp_path / "00000.tar")
     ref = list_shards([src])[0]
     (tmp_path / "00000.tar").unlink()

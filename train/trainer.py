@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 
 from latentforge.shared.cache_reader import CacheReader
 from latentforge.shared.config import Config, config_to_dict
+from latentforge.shared.preflight import check_model_paths
 
 from . import objective as obj
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
@@ -39,6 +41,9 @@ class Trainer:
     def __init__(self, config: Config) -> None:
         self.config = config
         t = config.train
+        # Config mistakes the schema cannot see end here, one line, before a process group or a file exists.
+        check_model_paths(config)
+        deepspeed_config(config, int(os.environ.get("WORLD_SIZE", "1")))
         self.dist = init_distributed()
         random.seed(t.seed)
         np.random.seed(t.seed)
@@ -49,6 +54,7 @@ class Trainer:
         self.adapter = adapter_for(config.model.family)
         model = self.adapter.load(config)
         self.cache.check_compatible(**self.adapter.expected_cache(model))
+        self.cache.check_model_files(config.model.pretrained, config.model.vae)
         self.samples = CachedSamples(self.cache, config)
         self.global_batch = t.micro_batch_size * t.gradient_accumulation_steps * self.dist.world
         self.schedule = GlobalBucketSchedule(self.samples.bucket_sizes, self.global_batch, t.seed)
