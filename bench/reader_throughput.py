@@ -175,67 +175,6 @@ class Cache:
         return du(self.root) / n
 
 
-class MmapPrototype:
-    """PROTOTYPE of a proposed reader change, not the shipped reader: map each shard file once (local
-    disks) and decode or copy each row straight from the mapping into the batch, instead of `os.pread`
-    into a new bytes object and then copying or decoding that. Same rows, same output as `read_rows`;
-    it leans on the reader's private index helpers, so it may break when those change."""
-
-    def __init__(self, cache: Cache) -> None:
-        self.cache = cache
-        self.name = f"prototype mmap reader, {cache.codec}"
-        self.maps: dict[str, np.ndarray] = {}
-
-    def open(self) -> None:
-        self.reader = self.cache.reader
-        self.fields = self.cache.fields
-
-    def _map(self, rel: str) -> np.ndarray:
-        m = self.maps.get(rel)
-        if m is None:
-            import mmap
-
-            fd = os.open(self.reader.storage.path(rel), os.O_RDONLY)
-            try:
-                m = self.maps[rel] = np.frombuffer(mmap.mmap(fd, 0, prot=mmap.PROT_READ), np.uint8)
-            finally:
-                os.close(fd)
-        return m
-
-    def read(self, rows: np.ndarray) -> dict[str, Any]:
-        from latentforge.shared.cache_format import bucket_name
-
-        r, bucket = self.reader, SDXL_BUCKET
-        name = bucket_name(bucket)
-        gidx, local = r.locate(bucket, rows)
-        groups = r._bucket_groups[name]
-        small = [f for f in self.fields if not r.spec.field(f).per_row(bucket, r.spec.vae_downsample)]
-        out = r.read_rows(bucket, rows, fields=small) if small else {}
-        for f in self.fields:
-            spec = r.spec.field(f)
-            if f in out:
-                continue
-            shape = spec.row_shape(bucket, r.spec.vae_downsample)
-            arr = np.empty((len(local), *shape), spec.storage_dtype)
-            for pos, (gi, lr) in enumerate(zip(gidx.tolist(), local.tolist(), strict=True)):
-                ra = r._row_array(groups[gi], name, spec)
-                shard, within = divmod(lr, ra.shard_rows)
-                off, nb = (int(x) for x in r._shard_index(ra, shard)[within])
-                src = self._map(ra.shard_file(shard))[off: off + nb]
-                if ra.decoder is None:
-                    arr[pos] = src.view(ra.dtype).reshape(shape)
-                elif hasattr(ra.decoder, "cname"):  # blosc decodes into the batch directly
-                    ra.decoder.decode(src, out=arr[pos])
-                else:
-                    arr[pos] = np.frombuffer(ra.decoder.decode(src), ra.dtype).reshape(shape)
-            t = torch.from_numpy(arr)
-            out[f] = t.view(torch.bfloat16) if spec.dtype == "bfloat16" else t
-        return out
-
-    def files(self) -> list[Path]:
-        return self.cache.files()
-
-
 # ---- timing -------------------------------------------------------------------------------------
 def batches(n: int, samples: int, batch: int, seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -277,23 +216,6 @@ def compare_warm(raw: Raw, other: Any, n: int, cfg: dict, seed: int) -> tuple[fl
     """(raw samples/s, other samples/s), warm, interleaved rounds over the same random batches."""
     t, plan = warm_rounds({"raw": raw, "other": other}, n, cfg, seed)
     return samples_per_s(t["raw"], plan), samples_per_s(t["other"], plan)
-
-
-def prototype_vs(raw: Raw, cache: Cache, n: int, cfg: dict, seed: int) -> dict[str, Any]:
-    """Shipped reader vs the mmap prototype vs raw, interleaved on the same batches; checks equal output."""
-    try:
-        proto = MmapPrototype(cache)
-        proto.open()
-        rows = batches(n, cfg["batch"], cfg["batch"], seed)[0]
-        a, b = cache.read(rows), proto.read(rows)
-        same = all(torch.equal(a[k].view(torch.int16) if a[k].dtype == torch.bfloat16 else a[k],
-                               b[k].view(torch.int16) if b[k].dtype == torch.bfloat16 else b[k]) for k in a)
-        t, plan = warm_rounds({"raw": raw, "cache": cache, "proto": proto}, n, cfg, seed)
-        return {"prototype_samples_per_s": samples_per_s(t["proto"], plan),
-                "prototype_vs_raw": median(t["raw"]) / median(t["proto"]),
-                "prototype_vs_shipped": median(t["cache"]) / median(t["proto"]), "prototype_output_identical": same}
-    except Exception as exc:  # noqa: BLE001 - the prototype uses private reader helpers that may change
-        return {"prototype_error": f"{type(exc).__name__}: {exc}"}
 
 
 def cold(layout: Any, n: int, cfg: dict, seed: int) -> float | None:
@@ -426,7 +348,6 @@ def run(size: str, workdir: Path) -> dict[str, Any]:
             write_s = cache.write(SampleSource(kind), nc)
             cache.open()
             r, o = compare_warm(raw_c, cache, nc, cfg, seed=100 + j)
-            proto = prototype_vs(raw_c, cache, nc, cfg, seed=100 + j)
             t1, single = warm_rounds({"raw": raw_c, "cache": cache}, nc,
                                      {**cfg, "round_samples": cfg["single_rows"], "batch": 1}, 200 + j)
             codec_rows[cache.name] = {
@@ -434,7 +355,7 @@ def run(size: str, workdir: Path) -> dict[str, Any]:
                 "batch_samples_per_s": o, "batch_vs_raw": o / r,
                 "single_row_reads_per_s": samples_per_s(t1["cache"], single),
                 "single_row_vs_raw": median(t1["raw"]) / median(t1["cache"]),
-                "writes_per_s": nc / write_s, **proto,
+                "writes_per_s": nc / write_s,
             }
             if not os.environ.get("LATENTFORGE_BENCH_KEEP"):
                 shutil.rmtree(cache.root, ignore_errors=True)
@@ -467,11 +388,6 @@ def run(size: str, workdir: Path) -> dict[str, Any]:
         table.append(row(f"  {name}: batch vs raw ({nc} samples)", c["batch_vs_raw"], "x", "", None,
                          f"{c['batch_samples_per_s']:.0f} samples/s batched, {c['single_row_reads_per_s']:.0f} single rows/s, "
                          f"{c['bytes_vs_raw']:.3f}x bytes, {c['writes_per_s']:.0f} writes/s"))
-    for c in codec_rows.values():
-        if "prototype_vs_raw" in c:
-            table.append(row(f"  prototype mmap read path, {c['codec']} ({c['data']}): batch vs raw", c["prototype_vs_raw"], "x",
-                             "", None, f"{c['prototype_samples_per_s']:.0f} samples/s, {c['prototype_vs_shipped']:.2f}x the "
-                             f"shipped reader side by side; identical output: {c['prototype_output_identical']}"))
     summary = {"loader_vs_raw": ours["vs_raw"], "loader_vs_npz": vs_npz, "loader_vs_pt": vs_pt}
     return {
         "name": "reader_throughput", "table": table, "summary": summary, "notes": notes,

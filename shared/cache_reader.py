@@ -43,6 +43,7 @@ from .storage import Storage
 
 _EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)
 _MAX_COALESCE = 16 << 20
+_ALIGN = 64
 
 
 @dataclass
@@ -182,20 +183,41 @@ class CacheReader:
         return g, r - offsets[g]
 
     def read_rows(self, bucket: tuple[int, int], rows: Sequence[int] | np.ndarray,
-                  fields: Sequence[str] | None = None) -> dict[str, Any]:
-        """Fetch rows of one bucket as a batch: tensors (bfloat16 viewed back from its bits), lists of str."""
+                  fields: Sequence[str] | None = None, *, shared_memory: bool = False) -> dict[str, Any]:
+        """Fetch rows of one bucket as a batch: tensors (bfloat16 viewed back from its bits), lists of str.
+
+        Every tensor of the batch is a view of one buffer, filled in place: a DataLoader worker hands the
+        main process one storage instead of one per field (2x less main-process time per batch,
+        docs/benchmarks.md). `shared_memory` allocates that buffer in shared memory, as a worker should,
+        so handing it over copies nothing."""
         name = bucket_name(bucket)
         gidx, local = self.locate(bucket, rows)
         specs = [self.spec.field(f) for f in fields] if fields is not None else list(self.spec.fields)
+        down = self.spec.vae_downsample
+        layout: dict[str, tuple[tuple[int, ...], int, int]] = {}  # name -> (shape, offset, nbytes)
+        total = 0
+        for spec in specs:
+            if spec.dtype != "str":
+                shape = (len(local), *spec.row_shape(bucket, down))
+                nbytes = int(np.prod(shape)) * np.dtype(spec.storage_dtype).itemsize
+                layout[spec.name] = (shape, total, nbytes)
+                total += -(-nbytes // _ALIGN) * _ALIGN  # aligned, so every dtype can view its slice
+        flat = torch.empty(total, dtype=torch.uint8)
+        if shared_memory:
+            flat.share_memory_()
+        flat_np = flat.numpy()
         out: dict[str, Any] = {}
         for spec in specs:
-            row_shape = spec.row_shape(bucket, self.spec.vae_downsample)
-            if spec.per_row(bucket, self.spec.vae_downsample):
-                arr = np.empty((len(local), *row_shape), dtype=spec.storage_dtype)
+            if spec.dtype == "str":
+                out[spec.name] = [str(x) for x in self._read_small_field(name, spec, gidx, local)]
+                continue
+            shape, offset, nbytes = layout[spec.name]
+            arr = flat_np[offset: offset + nbytes].view(spec.storage_dtype).reshape(shape)
+            if spec.per_row(bucket, down):
                 self._read_row_field(name, spec, gidx, local, arr)
             else:
-                arr = self._read_small_field(name, spec, gidx, local)
-            out[spec.name] = _to_torch(spec, arr)
+                arr[...] = self._read_small_field(name, spec, gidx, local)
+            out[spec.name] = flat[offset: offset + nbytes].view(_torch_dtype(spec)).view(shape)
         return out
 
     def group_ids(self, bucket: tuple[int, int], rows: Iterable[int]) -> list[str]:
@@ -323,6 +345,11 @@ class CacheReader:
                 out[pos] = 0
                 continue
             requests.append((ra.shard_file(shard), int(offset), int(nbytes), pos, ra))
+        if self.storage.is_local:
+            # Decode straight from the mapped file into the batch: no intermediate bytes object.
+            for file, offset, nbytes, pos, ra in requests:
+                self._decode_row(ra, file, self.storage.map_file(file)[offset: offset + nbytes], out[pos])
+            return
         requests.sort(key=lambda r: (r[0], r[1]))
         i = 0
         while i < len(requests):
@@ -334,20 +361,22 @@ class CacheReader:
             start = requests[i][1]
             blob = self.storage.read_range(requests[i][0], start, requests[j - 1][1] + requests[j - 1][2] - start)
             for file, offset, nbytes, pos, ra in requests[i:j]:
-                chunk = memoryview(blob)[offset - start: offset - start + nbytes]
-                target = out[pos]
-                try:
-                    if ra.decoder is None:
-                        target[...] = np.frombuffer(chunk, dtype=ra.dtype).reshape(target.shape)
-                    elif isinstance(ra.decoder, numcodecs.Blosc):
-                        ra.decoder.decode(chunk, out=target)
-                    else:
-                        target[...] = np.frombuffer(ra.decoder.decode(chunk), dtype=ra.dtype).reshape(target.shape)
-                except Exception as exc:  # a chunk that does not decode: corrupt bytes inside the file
-                    raise CacheFormatError(f"{self.storage.path(file)}: a chunk does not decode ({type(exc).__name__}) "
-                                           f"(cache group {file.split('/')[1]}); the file is corrupt: delete "
-                                           f"{self.storage.path('/'.join(file.split('/')[:2]))} and re-run the cache job") from None
+                self._decode_row(ra, file, memoryview(blob)[offset - start: offset - start + nbytes], out[pos])
             i = j
+
+    def _decode_row(self, ra: _RowArray, file: str, chunk: Any, target: np.ndarray) -> None:
+        """Decode one stored row chunk into `target` (a row of the batch buffer)."""
+        try:
+            if ra.decoder is None:
+                target[...] = np.frombuffer(chunk, dtype=ra.dtype).reshape(target.shape)
+            elif isinstance(ra.decoder, numcodecs.Blosc):
+                ra.decoder.decode(chunk, out=target)
+            else:
+                target[...] = np.frombuffer(ra.decoder.decode(chunk), dtype=ra.dtype).reshape(target.shape)
+        except Exception as exc:  # a chunk that does not decode: corrupt bytes inside the file
+            raise CacheFormatError(f"{self.storage.path(file)}: a chunk does not decode ({type(exc).__name__}) "
+                                   f"(cache group {file.split('/')[1]}); the file is corrupt: delete "
+                                   f"{self.storage.path('/'.join(file.split('/')[:2]))} and re-run the cache job") from None
 
     # ---- prompts and integrity ------------------------------------------------------------------
     def prompts(self) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
@@ -388,3 +417,9 @@ def _to_torch(spec: FieldSpec, arr: np.ndarray) -> Any:
         return [str(x) for x in arr]
     t = torch.from_numpy(np.ascontiguousarray(arr))
     return t.view(torch.bfloat16) if spec.dtype == "bfloat16" else t
+
+
+def _torch_dtype(spec: FieldSpec) -> torch.dtype:
+    if spec.dtype == "bfloat16":
+        return torch.bfloat16
+    return torch.from_numpy(np.empty(0, dtype=spec.storage_dtype)).dtype

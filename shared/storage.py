@@ -1,7 +1,7 @@
 """Where a cache lives: a local folder or an fsspec URL, behind the few operations the format needs.
 
-Local disks get the fast, crash-safe paths (atomic replace, directory rename, `os.pread` on kept file
-descriptors); object stores get fsspec with the commit-marker protocol instead of renames.
+Local disks get the fast, crash-safe paths (atomic replace, directory rename, read-only mappings of
+committed files); object stores get fsspec with the commit-marker protocol instead of renames.
 Credentials never pass through here as arguments from the config: fsspec/botocore read them from the
 environment or a credentials file.
 """
@@ -9,18 +9,23 @@ environment or a credentials file.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import shutil
 import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import fsspec
+import numpy as np
 
 from .faults import fault_point
+
+_MAX_MAPS = 4096
 
 
 class StorageWriteError(RuntimeError):
@@ -51,6 +56,7 @@ class Storage:
         self.storage_options = storage_options or {}
         self._fds: dict[str, int] = {}
         self._fd_lock = threading.Lock()
+        self._maps: OrderedDict[str, np.ndarray] = OrderedDict()
 
     def path(self, rel: str = "") -> str:
         return f"{self.url}/{rel}" if rel else self.url
@@ -206,6 +212,31 @@ class Storage:
             raise OSError(f"{self.path(rel)}: short read ({len(data)} of {length} bytes at {start}); file truncated?")
         return data
 
+    def map_file(self, rel: str) -> np.ndarray:
+        """A local file mapped read-only, as uint8: the reader decodes rows straight from the page cache
+        into the batch instead of `pread`-ing each range into a new bytes object first (1.2x faster with
+        blosc-lz4, 1.7x uncompressed; docs/benchmarks.md). Committed cache files never change, so a
+        mapping stays valid; the least recently used is dropped beyond `_MAX_MAPS` (the kernel's
+        vm.max_map_count is ~65k mappings per process)."""
+        if not self.is_local:
+            raise ValueError(f"{self.path(rel)}: only local files can be mapped")
+        with self._fd_lock:
+            m = self._maps.get(rel)
+            if m is not None:
+                self._maps.move_to_end(rel)
+                return m
+            fd = os.open(self.path(rel), os.O_RDONLY)
+            try:
+                size = os.fstat(fd).st_size
+                # An empty file cannot be mapped; it has no rows to read either.
+                m = np.frombuffer(mmap.mmap(fd, size, prot=mmap.PROT_READ), np.uint8) if size else np.empty(0, np.uint8)
+            finally:
+                os.close(fd)
+            self._maps[rel] = m
+            if len(self._maps) > _MAX_MAPS:
+                self._maps.popitem(last=False)  # unmapped when the last view of it goes
+            return m
+
     def file_size(self, rel: str) -> int:
         if self.is_local:
             return os.path.getsize(self.path(rel))
@@ -217,11 +248,13 @@ class Storage:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+            self._maps.clear()
 
     def __getstate__(self) -> dict[str, Any]:
         # File descriptors do not survive pickling into DataLoader workers; each worker opens its own.
         state = self.__dict__.copy()
         state["_fds"] = {}
+        state["_maps"] = OrderedDict()
         state["_fd_lock"] = None
         return state
 

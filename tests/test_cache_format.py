@@ -143,6 +143,22 @@ def test_fast_reader_agrees_with_zarr_python(tmp_path):
             assert z.attrs["logical_dtype"] == spec.field(name).dtype
 
 
+def test_a_batch_is_one_buffer_in_shared_memory_when_asked(cache_url):
+    """DataLoader workers hand the trainer one storage per batch; in shared memory it is not copied."""
+    writer = CacheWriter(cache_url, make_spec())
+    write_group(writer, "g0", {(64, 64): 6}, seed=4)
+    write_group(writer, "g1", {(64, 64): 3}, seed=5)
+    reader = CacheReader(cache_url)
+    for shared in (False, True):
+        batch = reader.read_rows((64, 64), [8, 0, 5, 2], shared_memory=shared)
+        tensors = [v for v in batch.values() if torch.is_tensor(v)]
+        assert len(tensors) >= 5
+        assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
+        assert all(t.is_shared() == shared for t in tensors)
+        assert all(t.is_contiguous() for t in tensors)
+    assert reader.read_rows((64, 64), [], fields=["latent_mean", "original_size"])["latent_mean"].shape[0] == 0
+
+
 def test_all_zero_rows_round_trip(tmp_path):
     spec = make_spec()
     writer = CacheWriter(str(tmp_path), spec)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from latentforge.shared.cache_reader import CacheReader
 from latentforge.shared.config import Config
@@ -90,7 +90,8 @@ class CachedBatches(Dataset):
         bucket = (int(mb.bucket[0]), int(mb.bucket[1]))
         rows = self.rows[bucket][np.asarray(mb.items, dtype=np.int64)]
         fields = [f.name for f in reader.spec.fields if f.name in TRAIN_FIELDS]
-        batch = reader.read_rows(bucket, rows, fields=fields)
+        # In a worker the batch is built in shared memory: handing it to the trainer then copies nothing.
+        batch = reader.read_rows(bucket, rows, fields=fields, shared_memory=get_worker_info() is not None)
         batch["step"] = mb.step
         batch["accum_index"] = mb.accum_index
         batch["bucket"] = bucket
