@@ -63,6 +63,18 @@ class _RowArray:
         return f"{self.rel}/c/{shard}" + "/0" * len(self.row_shape)
 
 
+@dataclass(frozen=True)
+class _FieldLayout:
+    """How one field of one bucket sits in a batch."""
+
+    spec: FieldSpec
+    row_shape: tuple[int, ...]
+    tensor: bool  # False for str fields (returned as lists)
+    per_row: bool  # big: one chunk per row; small: read whole
+    row_nbytes: int
+    torch_dtype: torch.dtype | None
+
+
 def _decoder_for(codecs: Sequence[Mapping[str, Any]]) -> Any:
     names = [c["name"] for c in codecs]
     if names == ["bytes"]:
@@ -101,7 +113,9 @@ class CacheReader:
             self._bucket_groups[name] = ids
             self._bucket_offsets[name] = np.cumsum([0] + [self._by_id[i].bucket_counts[name] for i in ids])
         self._row_arrays: dict[tuple[str, str, str], _RowArray] = {}
-        self._small: dict[tuple[str, str, str], np.ndarray] = {}
+        # (bucket, field) -> (that field over all the bucket's rows, the group indexes loaded into it)
+        self._small: dict[tuple[str, str], tuple[np.ndarray, set[int]]] = {}
+        self._layouts: dict[tuple[tuple[int, int], tuple[str, ...] | None], list[_FieldLayout]] = {}
         self._checked: set[tuple[str, str, str]] = set()
 
     # ---- what is in the cache -------------------------------------------------------------------
@@ -192,33 +206,44 @@ class CacheReader:
         so handing it over copies nothing."""
         name = bucket_name(bucket)
         gidx, local = self.locate(bucket, rows)
-        specs = [self.spec.field(f) for f in fields] if fields is not None else list(self.spec.fields)
-        down = self.spec.vae_downsample
-        layout: dict[str, tuple[tuple[int, ...], int, int]] = {}  # name -> (shape, offset, nbytes)
-        total = 0
-        for spec in specs:
-            if spec.dtype != "str":
-                shape = (len(local), *spec.row_shape(bucket, down))
-                nbytes = int(np.prod(shape)) * np.dtype(spec.storage_dtype).itemsize
-                layout[spec.name] = (shape, total, nbytes)
-                total += -(-nbytes // _ALIGN) * _ALIGN  # aligned, so every dtype can view its slice
-        flat = torch.empty(total, dtype=torch.uint8)
+        n = len(local)
+        layout = self._layout(bucket, tuple(fields) if fields is not None else None)
+        flat = torch.empty(sum(-(-f.row_nbytes * n // _ALIGN) * _ALIGN for f in layout if f.tensor), dtype=torch.uint8)
         if shared_memory:
             flat.share_memory_()
         flat_np = flat.numpy()
         out: dict[str, Any] = {}
-        for spec in specs:
-            if spec.dtype == "str":
-                out[spec.name] = [str(x) for x in self._read_small_field(name, spec, gidx, local)]
+        offset = 0
+        for f in layout:
+            if not f.tensor:
+                out[f.spec.name] = [str(x) for x in self._read_small_field(name, f.spec, gidx, local)]
                 continue
-            shape, offset, nbytes = layout[spec.name]
-            arr = flat_np[offset: offset + nbytes].view(spec.storage_dtype).reshape(shape)
-            if spec.per_row(bucket, down):
-                self._read_row_field(name, spec, gidx, local, arr)
+            shape, nbytes = (n, *f.row_shape), f.row_nbytes * n
+            arr = flat_np[offset: offset + nbytes].view(f.spec.storage_dtype).reshape(shape)
+            if f.per_row:
+                self._read_row_field(name, f.spec, gidx, local, arr)
             else:
-                arr[...] = self._read_small_field(name, spec, gidx, local)
-            out[spec.name] = flat[offset: offset + nbytes].view(_torch_dtype(spec)).view(shape)
+                arr[...] = self._read_small_field(name, f.spec, gidx, local)
+            out[f.spec.name] = flat[offset: offset + nbytes].view(f.torch_dtype).view(shape)
+            offset += -(-nbytes // _ALIGN) * _ALIGN  # aligned, so every dtype can view its slice
         return out
+
+    def _layout(self, bucket: tuple[int, int], fields: tuple[str, ...] | None) -> list[_FieldLayout]:
+        """Per-row shape, size and kind of each requested field in a bucket; computed once, reads are hot."""
+        key = (bucket, fields)
+        layout = self._layouts.get(key)
+        if layout is None:
+            specs = [self.spec.field(f) for f in fields] if fields is not None else list(self.spec.fields)
+            down = self.spec.vae_downsample
+            layout = self._layouts[key] = [
+                _FieldLayout(spec=spec, row_shape=tuple(spec.row_shape(bucket, down)), tensor=spec.dtype != "str",
+                             per_row=spec.per_row(bucket, down),
+                             row_nbytes=0 if spec.dtype == "str" else
+                             int(np.prod(spec.row_shape(bucket, down), dtype=np.int64)) * np.dtype(spec.storage_dtype).itemsize,
+                             torch_dtype=None if spec.dtype == "str" else _torch_dtype(spec))
+                for spec in specs
+            ]
+        return layout
 
     def group_ids(self, bucket: tuple[int, int], rows: Iterable[int]) -> list[str]:
         """The group (input shard) each row of a bucket came from."""
@@ -230,27 +255,34 @@ class CacheReader:
         return self.read_rows(bucket, rows, fields=["key"])["key"]
 
     def _read_small_field(self, name: str, spec: FieldSpec, gidx: np.ndarray, local: np.ndarray) -> np.ndarray:
-        groups = self._bucket_groups[name]
-        dtype = object if spec.dtype == "str" else spec.storage_dtype
-        result = np.empty((len(local), *spec.row_shape(parse_bucket_name(name), self.spec.vae_downsample)), dtype=dtype)
-        for gi in np.unique(gidx):
-            key = (groups[gi], name, spec.name)
-            whole = self._small.get(key)
-            if whole is None:
-                rel = f"{SHARDS_DIR}/{groups[gi]}/{name}/{spec.name}"
-                # zarr fills a missing chunk with the fill value: check the files first, or a deleted
-                # chunk would read as empty keys and zero sizes.
-                self._check_files(groups[gi], name, spec.name, checksums=True)
-                try:
-                    whole = np.asarray(zarr.open_array(self.storage.zarr_store(rel, read_only=True), mode="r")[:])
-                except Exception as exc:
-                    raise CacheFormatError(f"{self.storage.path(rel)}: unreadable ({type(exc).__name__}) in cache group "
-                                           f"{groups[gi]}; delete {self.storage.path(f'{SHARDS_DIR}/{groups[gi]}')} and "
-                                           "re-run the cache job") from None
-                self._small[key] = whole
-            mask = gidx == gi
-            result[mask] = whole[local[mask]]
-        return result
+        """Small fields are read whole, one group at a time as rows from it are first asked for, into one
+        array over the bucket's rows: a read is then a single fancy index."""
+        groups, offsets = self._bucket_groups[name], self._bucket_offsets[name]
+        entry = self._small.get((name, spec.name))
+        if entry is None:
+            dtype = object if spec.dtype == "str" else spec.storage_dtype
+            shape = spec.row_shape(parse_bucket_name(name), self.spec.vae_downsample)
+            entry = self._small[(name, spec.name)] = (np.empty((int(offsets[-1]), *shape), dtype=dtype), set())
+        bucket_rows, loaded = entry
+        for gi in set(gidx.tolist()) - loaded:
+            rel = f"{SHARDS_DIR}/{groups[gi]}/{name}/{spec.name}"
+            # zarr fills a missing chunk with the fill value: check the files first, or a deleted
+            # chunk would read as empty keys and zero sizes.
+            self._check_files(groups[gi], name, spec.name, checksums=True)
+            try:
+                whole = np.asarray(zarr.open_array(self.storage.zarr_store(rel, read_only=True), mode="r")[:])
+            except Exception as exc:
+                raise CacheFormatError(f"{self.storage.path(rel)}: unreadable ({type(exc).__name__}) in cache group "
+                                       f"{groups[gi]}; delete {self.storage.path(f'{SHARDS_DIR}/{groups[gi]}')} and "
+                                       "re-run the cache job") from None
+            start, stop = int(offsets[gi]), int(offsets[gi + 1])
+            if len(whole) != stop - start:
+                raise CacheFormatError(f"{self.storage.path(rel)}: {len(whole)} rows, the manifest of cache group "
+                                       f"{groups[gi]} says {stop - start}; delete "
+                                       f"{self.storage.path(f'{SHARDS_DIR}/{groups[gi]}')} and re-run the cache job")
+            bucket_rows[start:stop] = whole
+            loaded.add(gi)
+        return bucket_rows[offsets[gidx] + local]
 
     def _check_files(self, group_id: str, name: str, field: str, checksums: bool) -> None:
         """Every file of one (group, bucket, field) array that the manifest lists must exist with its
