@@ -3,9 +3,10 @@
 Why not plain zarr-python indexing: measured here, zarr-python spends ~8 ms of Python per single-row
 read of a sharded array (129 samples/s, ten times slower than one `.npz` per sample). The format is
 chosen so a row is one byte range: the reader parses each Zarr shard file's index once (the standard
-sharding-codec index at the end of the file, crc32c-checked), then fetches rows with `os.pread` (or an
-fsspec ranged read) and decodes them straight into the output batch. Small fields (sizes, hashes, keys)
-are read whole once per (group, bucket) through zarr-python and kept in memory. Reading the same cache
+sharding-codec index at the end of the file, crc32c-checked), then copies or decodes each row straight
+from a read-only mapping of the file (local disks) or a coalesced fsspec ranged read (object stores) into
+the batch. Small fields (sizes, hashes, keys) are read whole once per (group, bucket) through zarr-python
+and kept in memory. Reading the same cache
 with zarr-python gives the same values; the conformance tests check both paths agree.
 """
 
