@@ -35,6 +35,7 @@ from .cache_format import (
     parse_bucket_name,
 )
 from .faults import fault_point
+from .shard_writer import RowShardWriter
 from .storage import Storage, StorageWriteError
 
 
@@ -66,6 +67,24 @@ def to_storage(spec: FieldSpec, values: Any) -> np.ndarray:
 
         return _torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(_torch.bfloat16).view(_torch.uint16).numpy()
     return arr.astype(spec.storage_dtype, copy=False)
+
+
+_ROW_TEMPLATES: dict[tuple[Any, ...], str] = {}
+
+
+def _row_array_template(spec: FieldSpec, row_shape: tuple[int, ...], cache: CacheSpec) -> str:
+    """zarr.json of an empty per-row array of this field and shape, as zarr-python writes it (made once)."""
+    key = (spec.name, spec.dtype, row_shape, cache.shard_rows, cache.codec)
+    if key not in _ROW_TEMPLATES:
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+        from zarr.storage import MemoryStore
+
+        store = MemoryStore()
+        _create_array(zarr.open_group(store, mode="w", zarr_format=3), spec, row_shape, True, cache)
+        meta = sync(store.get(f"{spec.name}/zarr.json", prototype=default_buffer_prototype()))
+        _ROW_TEMPLATES[key] = meta.to_bytes().decode("utf-8")
+    return _ROW_TEMPLATES[key]
 
 
 def _create_array(group: Any, spec: FieldSpec, row_shape: tuple[int, ...], per_row: bool, cache: CacheSpec) -> Any:
@@ -177,8 +196,13 @@ class GroupWriter:
             group = self.root.create_group(name)
             arrays = {}
             for f in self.spec.fields:
-                shape = f.row_shape(bucket, self.spec.vae_downsample)  # type: ignore[arg-type]
-                arrays[f.name] = _create_array(group, f, shape, f.per_row(bucket, self.spec.vae_downsample), self.spec)  # type: ignore[arg-type]
+                shape = tuple(f.row_shape(bucket, self.spec.vae_downsample))  # type: ignore[arg-type]
+                if f.per_row(bucket, self.spec.vae_downsample):  # type: ignore[arg-type]
+                    # Big fields bypass zarr-python's per-array cost; the files are the same format.
+                    arrays[f.name] = RowShardWriter(self.storage, f"{self.rel}/{name}/{f.name}",
+                                                    _row_array_template(f, shape, self.spec))
+                else:
+                    arrays[f.name] = _create_array(group, f, shape, False, self.spec)
             self._arrays[name] = arrays
         for key, parts in buf.items():
             data = np.concatenate(parts) if len(parts) > 1 else parts[0]

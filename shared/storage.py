@@ -115,6 +115,16 @@ class Storage:
                 raise
             _fsync_dir(os.path.dirname(target))
 
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write a whole file (creating folders). Not atomic: used inside uncommitted groups only."""
+        target = self.path(rel)
+        if not self.is_local:
+            self.fs.pipe_file(target, data)
+            return
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as f:
+            f.write(data)
+
     def listdir(self, rel: str) -> list[str]:
         """Names (not paths) of entries directly under `rel`; empty if it does not exist."""
         base = self.path(rel)

@@ -96,10 +96,13 @@ def test_generated_bucket_properties(cfg: tuple[int, int, float, float]) -> None
 
 
 @PROPS
-@given(bucket_configs(), st.integers(1, 40))
-def test_every_height_gets_its_largest_width(cfg: tuple[int, int, float, float], k: int) -> None:
+@given(bucket_configs(), st.data())
+def test_every_height_gets_its_largest_width(cfg: tuple[int, int, float, float], data: st.DataObject) -> None:
     res, step, lo, hi = cfg
-    h = k * step
+    # Draw heights near the in-range band (h ~ res / sqrt(aspect)) so few draws are thrown away.
+    k_lo = max(1, math.floor(res / math.sqrt(hi) / step) - 1)
+    k_hi = math.ceil(res / math.sqrt(lo) / step) + 1
+    h = data.draw(st.integers(k_lo, k_hi)) * step
     w = (res * res // h) // step * step
     assume(w >= step and in_range(h, w, lo, hi))
     assert (h, w) in generate_buckets(res, step, lo, hi)

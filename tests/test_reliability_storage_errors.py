@@ -17,7 +17,7 @@ from reliability_support import DEMO, Job, assert_same_cache, cache_command, chi
 from latentforge.preprocess.job import run_cache
 from latentforge.shared.cache_reader import CacheReader
 from latentforge.shared.config import load_config
-from latentforge.shared.storage import StorageWriteError
+from latentforge.shared.storage import Storage, StorageWriteError
 
 
 def cache_args(model: Path, data: Path, cache: Path) -> list[str]:
@@ -96,14 +96,24 @@ def test_write_error_in_the_middle_of_a_group(code, tiny_sdxl, demo_data, tmp_pa
     real_set = zarr.storage.LocalStore.set
     calls = {"n": 0}
 
-    async def failing_set(self, key, value, *args, **kwargs):
-        if "/shards/.tmp/" in str(self.root):
+    real_write_bytes = Storage.write_bytes
+
+    def count_and_maybe_fail(where: str) -> None:
+        if "/shards/.tmp/" in where:
             calls["n"] += 1
             if calls["n"] > 150:
                 raise OSError(code, f"injected {errno.errorcode[code]}")
+
+    async def failing_set(self, key, value, *args, **kwargs):
+        count_and_maybe_fail(str(self.root))
         return await real_set(self, key, value, *args, **kwargs)
 
+    def failing_write_bytes(self, rel, data):  # the big fields' shard files bypass zarr-python
+        count_and_maybe_fail(self.path(rel))
+        return real_write_bytes(self, rel, data)
+
     monkeypatch.setattr(zarr.storage.LocalStore, "set", failing_set)
+    monkeypatch.setattr(Storage, "write_bytes", failing_write_bytes)
     with pytest.raises(StorageWriteError) as err:
         run_cache(config)
     line = str(err.value)
