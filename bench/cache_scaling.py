@@ -30,14 +30,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .common import ROOT, cli, row
 
 SIZES = {
     "full": {"copies": 1, "samples_per_shard": 4, "rounds": 2, "vae_width": 16, "deterministic": (True, False),
-             "all_cores_run": False, "control_iterations": 15, "torchrun_for_one": True},
+             "all_cores_run": False, "control_iterations": 15, "torchrun_for_one": True,
+             "writer_arrays": 300},
     "smoke": {"copies": 1, "samples_per_shard": 7, "rounds": 1, "vae_width": 8, "deterministic": (False,),
               "all_cores_run": False, "folder_only": True, "control_iterations": 0,
-              "torchrun_for_one": False},
+              "torchrun_for_one": False, "writer_arrays": 6},
 }
 
 
@@ -209,6 +212,53 @@ def machine_ceiling(width: int, iterations: int, cores: int, deterministic: bool
             "speedup_2v1": min(2, cores) * min(alone) / min(together), "all_s": {"alone": alone, "together": together}}
 
 
+def writer_array_cost(workdir: Path, arrays: int) -> dict[str, float]:
+    """ms to create one big-field array of a group and append a 4-row shard: zarr-python vs `RowShardWriter`.
+
+    The cache job on small shards creates hundreds of such arrays; this is the cost the direct writer
+    removes. Same rows (the demo's 256x256 bucket, tiny-model widths), same storage, alternated 3 times,
+    median per array.
+    """
+    import zarr
+
+    from latentforge.shared.cache_writer import _create_array, _row_array_template, to_storage
+    from latentforge.shared.shard_writer import RowShardWriter
+    from latentforge.shared.storage import Storage
+
+    from .common import median, sdxl_spec
+
+    bucket = (256, 256)
+    spec = sdxl_spec(shard_rows=4, bucket=bucket, pooled_dim=64, text_dim=96)
+    big = [(f, tuple(f.row_shape(bucket, spec.vae_downsample))) for f in spec.fields
+           if f.dtype != "str" and f.per_row(bucket, spec.vae_downsample)]
+    rng = np.random.default_rng(0)
+    data = {f.name: to_storage(f, rng.standard_normal((4, *shape), dtype=np.float32)) for f, shape in big}
+
+    def with_zarr(root: Path) -> None:
+        group = zarr.open_group(str(root), mode="w", zarr_format=3)
+        for i in range(arrays // len(big)):
+            sub = group.create_group(f"b{i}")
+            for f, shape in big:
+                _create_array(sub, f, shape, True, spec).append(data[f.name])
+
+    def direct(root: Path) -> None:
+        storage = Storage(str(root))
+        for i in range(arrays // len(big)):
+            for f, shape in big:
+                RowShardWriter(storage, f"b{i}/{f.name}", _row_array_template(f, shape, spec)).append(data[f.name])
+
+    times: dict[str, list[float]] = {"zarr_python_ms": [], "direct_ms": []}
+    for _ in range(3):
+        for key, fn in (("zarr_python_ms", with_zarr), ("direct_ms", direct)):
+            root = workdir / "writer_cost"
+            shutil.rmtree(root, ignore_errors=True)
+            t = time.perf_counter()
+            fn(root)
+            times[key].append((time.perf_counter() - t) * 1e3 / (arrays // len(big) * len(big)))
+    shutil.rmtree(workdir / "writer_cost", ignore_errors=True)
+    return {k: median(v) for k, v in times.items()}
+
+
 def run(size: str, workdir: Path) -> dict[str, Any]:
     from latentforge.shared.demo_data import write_demo_data
 
@@ -281,11 +331,16 @@ def run(size: str, workdir: Path) -> dict[str, Any]:
         slow = fig(False, 1, 1, "images_per_s_steady") / fig(True, 1, 1, "images_per_s_steady")
         table.append(row("  deterministic=false vs true, 1 process x 1 thread, steady", slow, "x", "", None,
                          "oneDNN on vs off (bitwise reproducibility across process counts costs this)"))
+    writer = writer_array_cost(workdir, cfg["writer_arrays"])
+    table.append(row("  big-field array write (create + 4 rows), zarr-python vs the cache writer",
+                     writer["zarr_python_ms"] / writer["direct_ms"], "x", "", None,
+                     f"{writer['zarr_python_ms']:.2f} vs {writer['direct_ms']:.2f} ms per array, median of 3; "
+                     f"the cache writer writes shard files + zarr.json itself (shared/shard_writer.py)"))
     headline = ratios[f"deterministic={str(cfg['deterministic'][0]).lower()}"]["steady"]
     return {"name": "cache_scaling", "table": table, "summary": {"cache_scaling_2v1": headline},
             "config": {**cfg, "cores": cores, "images": runs[0]["images"] if runs else 0,
                        "layouts": [{"processes": n, "omp_threads": t} for n, t in layouts]},
-            "ratios": ratios, "control": ceiling, "runs": runs}
+            "ratios": ratios, "control": ceiling, "writer": writer, "runs": runs}
 
 
 if __name__ == "__main__":
