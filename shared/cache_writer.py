@@ -35,7 +35,7 @@ from .cache_format import (
     parse_bucket_name,
 )
 from .faults import fault_point
-from .shard_writer import RowShardWriter
+from .shard_writer import ChunkWriter, RowShardWriter
 from .storage import Storage, StorageWriteError
 
 
@@ -69,22 +69,22 @@ def to_storage(spec: FieldSpec, values: Any) -> np.ndarray:
     return arr.astype(spec.storage_dtype, copy=False)
 
 
-_ROW_TEMPLATES: dict[tuple[Any, ...], str] = {}
+_TEMPLATES: dict[tuple[Any, ...], str] = {}
 
 
-def _row_array_template(spec: FieldSpec, row_shape: tuple[int, ...], cache: CacheSpec) -> str:
-    """zarr.json of an empty per-row array of this field and shape, as zarr-python writes it (made once)."""
-    key = (spec.name, spec.dtype, row_shape, cache.shard_rows, cache.codec)
-    if key not in _ROW_TEMPLATES:
+def _array_template(spec: FieldSpec, row_shape: tuple[int, ...], per_row: bool, cache: CacheSpec) -> str:
+    """zarr.json of an empty array of this field and shape, as zarr-python writes it (made once)."""
+    key = (spec.name, spec.dtype, row_shape, per_row, cache.shard_rows, cache.codec)
+    if key not in _TEMPLATES:
         from zarr.core.buffer import default_buffer_prototype
         from zarr.core.sync import sync
         from zarr.storage import MemoryStore
 
         store = MemoryStore()
-        _create_array(zarr.open_group(store, mode="w", zarr_format=3), spec, row_shape, True, cache)
+        _create_array(zarr.open_group(store, mode="w", zarr_format=3), spec, row_shape, per_row, cache)
         meta = sync(store.get(f"{spec.name}/zarr.json", prototype=default_buffer_prototype()))
-        _ROW_TEMPLATES[key] = meta.to_bytes().decode("utf-8")
-    return _ROW_TEMPLATES[key]
+        _TEMPLATES[key] = meta.to_bytes().decode("utf-8")
+    return _TEMPLATES[key]
 
 
 def _create_array(group: Any, spec: FieldSpec, row_shape: tuple[int, ...], per_row: bool, cache: CacheSpec) -> Any:
@@ -193,16 +193,15 @@ class GroupWriter:
         arrays = self._arrays.get(name)
         if arrays is None:
             bucket = tuple(int(x) for x in name.split("x"))
-            group = self.root.create_group(name)
+            self.root.create_group(name)
             arrays = {}
             for f in self.spec.fields:
                 shape = tuple(f.row_shape(bucket, self.spec.vae_downsample))  # type: ignore[arg-type]
-                if f.per_row(bucket, self.spec.vae_downsample):  # type: ignore[arg-type]
-                    # Big fields bypass zarr-python's per-array cost; the files are the same format.
-                    arrays[f.name] = RowShardWriter(self.storage, f"{self.rel}/{name}/{f.name}",
-                                                    _row_array_template(f, shape, self.spec))
-                else:
-                    arrays[f.name] = _create_array(group, f, shape, False, self.spec)
+                per_row = f.per_row(bucket, self.spec.vae_downsample)  # type: ignore[arg-type]
+                # Written without zarr-python's per-array cost; the files are the same format.
+                writer = RowShardWriter if per_row else ChunkWriter
+                arrays[f.name] = writer(self.storage, f"{self.rel}/{name}/{f.name}",
+                                        _array_template(f, shape, per_row, self.spec))
             self._arrays[name] = arrays
         for key, parts in buf.items():
             data = np.concatenate(parts) if len(parts) > 1 else parts[0]

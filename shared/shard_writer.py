@@ -1,11 +1,16 @@
-"""Writes one big field of a cache group (one chunk per row, Zarr v3 sharding) straight to its files.
+"""Writes the arrays of a cache group straight to their files, in the standard Zarr v3 format.
 
-Why not zarr-python here: its per-array cost (about 2.3 ms to create an array and 1.9 ms per append,
-docs/benchmarks.md) was a third of the cache job's shard time on shards of a few images. The bytes are
-the standard format, so zarr-python still reads them (the conformance suite checks): `zarr.json` is
-made by zarr-python itself (a template per field shape, see `CacheWriter`), and each shard file is the
-encoded rows followed by the sharding index — (offset, nbytes) per row as little-endian uint64, then
-the index's crc32c — exactly what the sharding codec with `index_location: end` specifies.
+Why not zarr-python here: its per-array cost (a few ms to create an array and to append to it,
+docs/benchmarks.md) was most of the cache job's write time on shards of a few images, where a group has
+a dozen arrays per bucket. The bytes are the standard format, so zarr-python still reads them (the
+conformance suite checks, and that they equal zarr-python's own bytes): each array's `zarr.json` is made
+by zarr-python itself (a template per field shape, see `shared/cache_writer.py`), and only the chunk
+encoding is done here:
+
+- `RowShardWriter` (big fields): one chunk per row inside shard files of `shard_rows` rows; a shard file
+  is the encoded rows followed by the sharding index, (offset, nbytes) per row as little-endian uint64,
+  then the index's crc32c, exactly what the sharding codec with `index_location: end` specifies.
+- `ChunkWriter` (small fields): plain chunks of `shard_rows` rows, the last one padded with the fill value.
 """
 
 from __future__ import annotations
@@ -25,25 +30,90 @@ _SHUFFLE = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.S
             "bitshuffle": numcodecs.Blosc.BITSHUFFLE}
 
 
-def _encoder(inner_codecs: list[dict[str, Any]]) -> Callable[[np.ndarray], bytes]:
-    """The inner codec chain of the template (bytes, then optionally blosc or zstd) as one function."""
-    names = [c["name"] for c in inner_codecs]
-    if names[0] != "bytes" or len(names) > 2:
-        raise ValueError(f"unsupported inner codec chain {names}")
-    if len(names) == 1:
-        return lambda row: row.tobytes()
-    cfg = inner_codecs[1].get("configuration", {})
-    if names[1] == "blosc":
-        codec = numcodecs.Blosc(cname=cfg["cname"], clevel=cfg["clevel"], shuffle=_SHUFFLE[cfg["shuffle"]],
-                                blocksize=cfg.get("blocksize", 0), typesize=cfg.get("typesize"))
-    elif names[1] == "zstd":
-        codec = numcodecs.Zstd(level=cfg.get("level", 0), checksum=cfg.get("checksum", False))
+def _compressor(codec: dict[str, Any] | None) -> Callable[[bytes | np.ndarray], bytes]:
+    """The bytes-to-bytes codec of a chain (blosc, zstd or none) as one function."""
+    if codec is None:
+        return bytes
+    cfg = codec.get("configuration", {})
+    if codec["name"] == "blosc":
+        c = numcodecs.Blosc(cname=cfg["cname"], clevel=cfg["clevel"], shuffle=_SHUFFLE[cfg["shuffle"]],
+                            blocksize=cfg.get("blocksize", 0), typesize=cfg.get("typesize"))
+    elif codec["name"] == "zstd":
+        c = numcodecs.Zstd(level=cfg.get("level", 0), checksum=cfg.get("checksum", False))
     else:
-        raise ValueError(f"unsupported inner codec {names[1]}")
-    return lambda row: bytes(codec.encode(row))
+        raise ValueError(f"unsupported codec {codec['name']}")
+    return lambda data: bytes(c.encode(data))
 
 
-class RowShardWriter:
+def _encoder(codecs: list[dict[str, Any]]) -> Callable[[np.ndarray], bytes]:
+    """A codec chain (bytes or vlen-utf8, then optionally blosc or zstd) as one function of an array."""
+    names = [c["name"] for c in codecs]
+    if names[0] not in ("bytes", "vlen-utf8") or len(names) > 2:
+        raise ValueError(f"unsupported codec chain {names}")
+    compress = _compressor(codecs[1] if len(codecs) == 2 else None)
+    if names[0] == "vlen-utf8":
+        vlen = numcodecs.VLenUTF8()
+        return lambda chunk: compress(bytes(vlen.encode(chunk)))
+    return lambda chunk: compress(chunk.tobytes())
+
+
+class _ArrayWriter:
+    """What both writers share: the template, the row count and `zarr.json`."""
+
+    def __init__(self, storage: Storage, rel: str, template: str) -> None:
+        self.storage, self.rel = storage, rel
+        self.meta = json.loads(template)
+        self.chunk_rows = int(self.meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+        self.row_shape = tuple(int(x) for x in self.meta["shape"][1:])
+        self.dtype = np.dtype(object) if self.meta["data_type"] == "string" else np.dtype(self.meta["data_type"]).newbyteorder("<")
+        self.rows = 0
+        self._write_metadata()
+
+    def _check(self, data: np.ndarray) -> np.ndarray:
+        if tuple(data.shape[1:]) != self.row_shape:
+            raise ValueError(f"{self.rel}: rows of shape {tuple(data.shape[1:])}, expected {self.row_shape}")
+        return np.ascontiguousarray(data, dtype=self.dtype)
+
+    def _chunk_file(self, chunk: int) -> str:
+        return f"{self.rel}/c/{chunk}" + "/0" * len(self.row_shape)
+
+    def _write_metadata(self) -> None:
+        self.meta["shape"] = [self.rows, *self.row_shape]
+        self.storage.write_bytes(f"{self.rel}/zarr.json", json.dumps(self.meta, indent=2).encode())
+
+
+class ChunkWriter(_ArrayWriter):
+    """Appends rows to an unsharded array whose chunks hold `chunk_rows` rows (the small fields).
+
+    The rows of the last, part-filled chunk stay in memory (small fields only: a few bytes a row) and the
+    chunk is rewritten, padded with the fill value, whenever rows are added, as zarr-python does.
+    """
+
+    def __init__(self, storage: Storage, rel: str, template: str) -> None:
+        super().__init__(storage, rel, template)
+        if self.meta["codecs"][0]["name"] == "sharding_indexed":
+            raise ValueError(f"{rel}: the template is sharded; use RowShardWriter")
+        self.encode = _encoder(self.meta["codecs"])
+        fill = self.meta["fill_value"]
+        self._pad = np.full((self.chunk_rows, *self.row_shape), fill, dtype=self.dtype)
+        self._tail = self._pad[:0]
+
+    def append(self, data: np.ndarray) -> None:
+        """Write `data` (rows, *row_shape) after the rows already written."""
+        data = np.concatenate([self._tail, self._check(data)]) if len(self._tail) else self._check(data)
+        first_chunk = self.rows // self.chunk_rows
+        self.rows += len(data) - len(self._tail)
+        for i, start in enumerate(range(0, len(data), self.chunk_rows)):
+            part = data[start : start + self.chunk_rows]
+            if len(part) < self.chunk_rows:
+                part = np.concatenate([part, self._pad[len(part):]])
+            self.storage.write_bytes(self._chunk_file(first_chunk + i), self.encode(part))
+        held = self.rows % self.chunk_rows
+        self._tail = data[len(data) - held:].copy() if held else self._pad[:0]
+        self._write_metadata()
+
+
+class RowShardWriter(_ArrayWriter):
     """Appends rows to one per-row-chunked sharded array at `rel` (a folder under `storage`).
 
     Full shards are written once. A shard left part-filled by a flush is written as it is (so the
@@ -52,23 +122,16 @@ class RowShardWriter:
     """
 
     def __init__(self, storage: Storage, rel: str, template: str) -> None:
-        self.storage, self.rel = storage, rel
-        self.meta = json.loads(template)
+        super().__init__(storage, rel, template)
         (sharding,) = self.meta["codecs"]
         if sharding["name"] != "sharding_indexed" or sharding["configuration"]["index_location"] != "end":
             raise ValueError(f"{rel}: the template is not a sharded array with its index at the end")
-        self.shard_rows = int(self.meta["chunk_grid"]["configuration"]["chunk_shape"][0])
-        self.row_shape = tuple(int(x) for x in self.meta["shape"][1:])
-        self.dtype = np.dtype(self.meta["data_type"]).newbyteorder("<")
+        self.shard_rows = self.chunk_rows
         self.encode = _encoder(sharding["configuration"]["codecs"])
-        self.rows = 0
-        self._write_metadata()
 
     def append(self, data: np.ndarray) -> None:
         """Write `data` (rows, *row_shape) after the rows already written."""
-        if tuple(data.shape[1:]) != self.row_shape:
-            raise ValueError(f"{self.rel}: rows of shape {tuple(data.shape[1:])}, expected {self.row_shape}")
-        data = np.ascontiguousarray(data, dtype=self.dtype)
+        data = self._check(data)
         chunks = self._read_part_filled_shard()
         for row in data:
             chunks.append(self.encode(row))
@@ -80,26 +143,19 @@ class RowShardWriter:
             self._write_shard((self.rows - 1) // self.shard_rows, chunks)
         self._write_metadata()
 
-    def _shard_file(self, shard: int) -> str:
-        return f"{self.rel}/c/{shard}" + "/0" * len(self.row_shape)
-
     def _write_shard(self, shard: int, chunks: list[bytes]) -> None:
         index = np.full((self.shard_rows, 2), _EMPTY, dtype="<u8")
         sizes = np.fromiter((len(c) for c in chunks), dtype=np.uint64, count=len(chunks))
         index[: len(chunks), 0] = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.uint64)
         index[: len(chunks), 1] = sizes
         raw = index.tobytes()
-        self.storage.write_bytes(self._shard_file(shard),
+        self.storage.write_bytes(self._chunk_file(shard),
                                  b"".join([*chunks, raw, google_crc32c.value(raw).to_bytes(4, "little")]))
 
     def _read_part_filled_shard(self) -> list[bytes]:
         held = self.rows % self.shard_rows
         if held == 0:
             return []
-        blob = self.storage.read_bytes(self._shard_file(self.rows // self.shard_rows))
+        blob = self.storage.read_bytes(self._chunk_file(self.rows // self.shard_rows))
         index = np.frombuffer(blob[-(16 * self.shard_rows + 4): -4], dtype="<u8").reshape(self.shard_rows, 2)
         return [blob[int(o): int(o) + int(n)] for o, n in index[:held]]
-
-    def _write_metadata(self) -> None:
-        self.meta["shape"] = [self.rows, *self.row_shape]
-        self.storage.write_bytes(f"{self.rel}/zarr.json", json.dumps(self.meta, indent=2).encode())

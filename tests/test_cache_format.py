@@ -29,8 +29,10 @@ from latentforge.shared.cache_format import (
     compute_fingerprint,
 )
 from latentforge.shared.cache_reader import CacheReader
-from latentforge.shared.cache_writer import CacheWriter
+from latentforge.shared.cache_writer import CacheWriter, _array_template, _create_array, to_storage
 from latentforge.shared.families import cached_fields, text_field_names
+from latentforge.shared.shard_writer import ChunkWriter, RowShardWriter
+from latentforge.shared.storage import Storage
 
 BUCKETS = ((64, 64), (64, 128), (128, 64))
 
@@ -177,6 +179,34 @@ def test_part_filled_shards_extended_by_later_flushes_read_the_same_in_zarr_pyth
         store = reader.storage.zarr_store(f"shards/g0/64x64/{name}", read_only=True)
         theirs = zarr.open_array(store, mode="r")[:]
         assert np.array_equal(theirs, want.view(torch.uint16).numpy() if want.dtype == torch.bfloat16 else want.numpy())
+
+
+@pytest.mark.parametrize("codec", ["blosc-lz4", "zstd", "none"])
+def test_direct_writers_write_the_bytes_zarr_python_writes(tmp_path, codec):
+    """Every field, appended in unaligned parts: each chunk/shard file equals zarr-python's own, byte for
+    byte, and zarr.json says the same. The direct writers are an optimisation, never a format of their own."""
+    spec = make_spec(codec=codec)  # shard_rows=4
+    bucket = (64, 64)
+    parts = [make_rows(spec, bucket, n, seed) for seed, n in enumerate([3, 2, 5, 1, 4])]
+    ours, theirs = tmp_path / "ours", tmp_path / "zarr"
+    group = zarr.open_group(str(theirs), mode="w", zarr_format=3)
+    storage = Storage(str(ours))
+    for f in spec.fields:
+        shape = tuple(f.row_shape(bucket, spec.vae_downsample))
+        per_row = f.per_row(bucket, spec.vae_downsample)
+        writer = (RowShardWriter if per_row else ChunkWriter)(storage, f.name, _array_template(f, shape, per_row, spec))
+        reference = _create_array(group, f, shape, per_row, spec)
+        for rows in parts:
+            writer.append(to_storage(f, rows[f.name]))
+            reference.append(to_storage(f, rows[f.name]))
+    files = sorted(p.relative_to(ours).as_posix() for p in ours.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(theirs).as_posix() for p in theirs.rglob("*") if p.is_file()
+                           and p.parent != theirs)
+    for rel in files:
+        if rel.endswith("zarr.json"):
+            assert json.loads((ours / rel).read_text()) == json.loads((theirs / rel).read_text()), rel
+        else:
+            assert (ours / rel).read_bytes() == (theirs / rel).read_bytes(), rel
 
 
 def test_all_zero_rows_round_trip(tmp_path):
