@@ -16,16 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from reliability_support import assert_same_cache, snapshot, write_tar
+from reliability_support import DEMO, assert_same_cache, snapshot, write_tar
 
 from latentforge.preprocess import job as job_module
 from latentforge.preprocess.images import content_hash
 from latentforge.preprocess.job import run_cache
 from latentforge.shared.cache_reader import CacheReader
 from latentforge.shared.config import load_config
-
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "configs" / "demo.yaml"
 
 
 # ----------------------------------------------------------------------------------------- inputs

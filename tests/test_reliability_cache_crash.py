@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from reliability_support import (
+    DEMO,
     CacheWatcher,
     Job,
     assert_same_cache,
@@ -30,8 +31,6 @@ from reliability_support import (
 from latentforge.preprocess.job import run_cache
 from latentforge.shared.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "configs" / "demo.yaml"
 SHARDS = 14  # the demo photos at 2 samples per shard
 
 

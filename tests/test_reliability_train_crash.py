@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from reliability_support import (
+    DEMO,
     FP32_ZERO2,
     Job,
     child_env,
@@ -24,8 +25,6 @@ from reliability_support import (
 from latentforge.shared.config import load_config
 from latentforge.train.checkpoint import COMPLETE, find_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "configs" / "demo.yaml"
 STEPS = 4
 
 
