@@ -1,7 +1,7 @@
 """Where a cache lives: a local folder or an fsspec URL, behind the few operations the format needs.
 
 Local disks get the fast, crash-safe paths (atomic replace, directory rename, read-only mappings of
-committed files); object stores get fsspec with the commit-marker protocol instead of renames.
+committed files for every read); object stores get fsspec with the commit-marker protocol instead of renames.
 Credentials never pass through here as arguments from the config: fsspec/botocore read them from the
 environment or a credentials file.
 """
@@ -54,8 +54,7 @@ class Storage:
             self.url = self.url.removeprefix("file://")
         self.fs = fsspec.filesystem(protocol, **(storage_options or {}))
         self.storage_options = storage_options or {}
-        self._fds: dict[str, int] = {}
-        self._fd_lock = threading.Lock()
+        self._map_lock = threading.Lock()
         self._maps: OrderedDict[str, np.ndarray] = OrderedDict()
 
     def path(self, rel: str = "") -> str:
@@ -210,14 +209,8 @@ class Storage:
         """Bytes [start, start+length) of a file; the hot path of the reader."""
         if not self.is_local:
             return self.fs.cat_file(self.path(rel), start=start, end=start + length)
-        fd = self._fds.get(rel)
-        if fd is None:
-            with self._fd_lock:
-                fd = self._fds.get(rel)
-                if fd is None:
-                    fd = os.open(self.path(rel), os.O_RDONLY)
-                    self._fds[rel] = fd
-        data = os.pread(fd, length, start)
+        # The reader maps the file for its rows anyway: one open per file, no descriptor kept.
+        data = self.map_file(rel)[start : start + length].tobytes()
         if len(data) != length:
             raise OSError(f"{self.path(rel)}: short read ({len(data)} of {length} bytes at {start}); file truncated?")
         return data
@@ -230,7 +223,7 @@ class Storage:
         vm.max_map_count is ~65k mappings per process)."""
         if not self.is_local:
             raise ValueError(f"{self.path(rel)}: only local files can be mapped")
-        with self._fd_lock:
+        with self._map_lock:
             m = self._maps.get(rel)
             if m is not None:
                 self._maps.move_to_end(rel)
@@ -254,23 +247,19 @@ class Storage:
         return int(self.fs.size(self.path(rel)))
 
     def close(self) -> None:
-        with self._fd_lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+        with self._map_lock:
             self._maps.clear()
 
     def __getstate__(self) -> dict[str, Any]:
-        # File descriptors do not survive pickling into DataLoader workers; each worker opens its own.
+        # Mappings do not survive pickling into DataLoader workers; each worker maps its own.
         state = self.__dict__.copy()
-        state["_fds"] = {}
         state["_maps"] = OrderedDict()
-        state["_fd_lock"] = None
+        state["_map_lock"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._fd_lock = threading.Lock()
+        self._map_lock = threading.Lock()
 
 
 def _fsync_dir(path: str) -> None:
