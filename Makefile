@@ -32,7 +32,7 @@ $(STAMP):
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 2; }
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade --quiet "pip>=24" "setuptools>=68" wheel
+	$(PY) -m pip install --upgrade --quiet "pip>=24" "setuptools>=77" wheel
 	set -o pipefail; $(PY) -m pip install --quiet -r requirements.txt -c requirements.lock 2>&1 | $(QUIET_PIP)
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(PY) -m pip check
@@ -47,16 +47,19 @@ $(I2D_STAMP):
 
 # Long fault-injection runs (@pytest.mark.soak) run only under `make soak`; docs/reliability.md.
 test: install
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -p no:cacheprovider -m "not soak"
 
 soak: install
 	$(PY) -m pytest -q -p no:cacheprovider -m soak
 
+# Style (ruff) and the floors of the code (import-linter contracts in .importlinter).
 lint: install
-	$(PY) -m ruff check preprocess train shared tests bench
+	$(PY) -m ruff check app preprocess train shared devkit tests bench
+	$(VENV)/bin/lint-imports --no-cache
 
 demo: install
-	$(PY) -m latentforge.shared.demo --dir $(DEMO_DIR)
+	$(PY) -m latentforge.app.demo --dir $(DEMO_DIR)
 
 cache: install
 	@if [ "$(NPROC)" -gt 1 ]; then \

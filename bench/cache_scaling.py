@@ -221,8 +221,8 @@ def writer_array_cost(workdir: Path, arrays: int) -> dict[str, float]:
     """
     import zarr
 
-    from latentforge.shared.cache_writer import _array_template, _create_array, to_storage
-    from latentforge.shared.shard_writer import ChunkWriter, RowShardWriter
+    from latentforge.preprocess.cache_writer import _array_template, _create_array, to_storage
+    from latentforge.preprocess.shard_writer import ChunkWriter, RowShardWriter
     from latentforge.shared.storage import Storage
 
     from .common import median, sdxl_spec
@@ -264,7 +264,7 @@ def writer_array_cost(workdir: Path, arrays: int) -> dict[str, float]:
 
 
 def run(size: str, workdir: Path) -> dict[str, Any]:
-    from latentforge.shared.demo_data import write_demo_data
+    from latentforge.devkit.demo_data import write_demo_data
 
     from . import models
 

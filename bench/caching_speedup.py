@@ -99,10 +99,10 @@ def pick_width(cal: dict[str, Any], target: float) -> tuple[int, float]:
 
 def prepared_images(config: Any) -> dict[tuple[str, str], Any]:
     """Every sample of the config's sources decoded, resized and cropped as the cache job does, by (group, key)."""
+    from latentforge.preprocess.buckets import buckets_by_resolution
     from latentforge.preprocess.prepare import Preparer
     from latentforge.preprocess.source_checks import SkipCounter
     from latentforge.preprocess.sources import iter_shard, list_shards
-    from latentforge.shared.buckets import buckets_by_resolution
 
     b = config.buckets
     preparer = Preparer(config, buckets_by_resolution(b.resolutions, b.step, b.min_aspect, b.max_aspect), None)
@@ -117,10 +117,11 @@ def prepared_images(config: Any) -> dict[tuple[str, str], Any]:
 def run(size: str, workdir: Path) -> dict[str, Any]:
     import torch
 
-    from latentforge.preprocess.encoders import SdxlText, VaeEncoder
+    from latentforge.devkit.demo_data import write_demo_data
+    from latentforge.preprocess.encoders import VaeEncoder
+    from latentforge.preprocess.families.sdxl import SdxlText
     from latentforge.preprocess.job import run_cache
     from latentforge.shared.config import load_config
-    from latentforge.shared.demo_data import write_demo_data
     from latentforge.train.trainer import Trainer
 
     from . import models, sdxl_configs

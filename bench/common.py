@@ -144,7 +144,7 @@ def write_cache(url: Path, spec: Any, source: SampleSource, n: int, rows_per_gro
 
     The seconds cover `add` + `commit` only (the writer's work), not generating the samples.
     """
-    from latentforge.shared.cache_writer import CacheWriter
+    from latentforge.preprocess.cache_writer import CacheWriter
 
     bucket = spec.buckets[0]
     writer = CacheWriter(str(url), spec)

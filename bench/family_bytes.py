@@ -14,9 +14,9 @@ import tempfile
 import numpy as np
 import torch
 
+from latentforge.devkit.demo_data import CAPTIONS
+from latentforge.preprocess.cache_writer import CacheWriter
 from latentforge.shared.cache_format import CacheSpec
-from latentforge.shared.cache_writer import CacheWriter
-from latentforge.shared.demo_data import CAPTIONS
 from latentforge.shared.families import cached_fields
 
 SAMPLES = 64

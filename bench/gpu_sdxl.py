@@ -156,7 +156,7 @@ def train_part(args: argparse.Namespace, workdir: Path, device: str) -> dict[str
 def cache_part(args: argparse.Namespace, workdir: Path, device: str) -> dict[str, Any]:
     import torch
 
-    from latentforge.shared.demo_data import write_demo_data
+    from latentforge.devkit.demo_data import write_demo_data
 
     from .cache_scaling import one_run
 

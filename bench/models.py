@@ -1,6 +1,6 @@
 """Model folders the benchmarks train and cache with: diffusers pipeline folders with random weights.
 
-Each starts as a copy of the tiny SDXL pipeline (`latentforge.shared.tiny_models`: its real CLIP BPE
+Each starts as a copy of the tiny SDXL pipeline (`latentforge.devkit.tiny_models`: its real CLIP BPE
 tokenizers and the real SDXL scheduler config) and replaces some components with wider or narrower ones
 built here, saved with `save_pretrained`, so the trainer and the cache job load them like any checkpoint.
 """
@@ -20,7 +20,7 @@ def _base(workdir: Path) -> Path:
     (or the one LATENTFORGE_BENCH_TINY_SDXL names, e.g. the test session's)."""
     import os
 
-    from latentforge.shared.tiny_models import build_tiny_pipeline
+    from latentforge.devkit.tiny_models import build_tiny_pipeline
 
     return build_tiny_pipeline("sdxl", os.environ.get("LATENTFORGE_BENCH_TINY_SDXL") or workdir.parent / "tiny-sdxl")
 

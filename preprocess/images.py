@@ -1,7 +1,7 @@
 """Decoding and pixel operations for the cache job.
 
 Everything here works on one sample's bytes or one PIL image and has no knowledge of buckets or
-configs: the caller decides sizes (see `latentforge.shared.buckets`) and passes explicit numbers.
+configs: the caller decides sizes (see `latentforge.preprocess.buckets`) and passes explicit numbers.
 
 A sample that cannot be used raises `SkipSample` with a short, stable `reason` code. The job counts
 skips per reason and logs `detail`; one broken file must never stop a shard.

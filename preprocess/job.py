@@ -27,16 +27,18 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from latentforge.shared.buckets import buckets_by_resolution, generate_bucket_set
+from latentforge.preprocess.buckets import buckets_by_resolution, generate_bucket_set
+from latentforge.preprocess.cache_writer import CacheWriter
 from latentforge.shared.cache_format import CacheSpec, GroupManifest, compute_fingerprint
 from latentforge.shared.cache_reader import CacheReader
-from latentforge.shared.cache_writer import CacheWriter
 from latentforge.shared.config import Config, ConfigError, SourceConfig, load_config
+from latentforge.shared.entry import add_run_args, run_guarded
 from latentforge.shared.families import cached_fields, text_field_names
 from latentforge.shared.file_hash import sha256_file
 from latentforge.shared.preflight import check_model_paths
 
-from .encoders import VaeEncoder, load_text_encoder, model_identity
+from .encoders import VaeEncoder, model_identity
+from .families import load_text_encoder
 from .images import SkipSample
 from .prepare import Prepared, Preparer, method_code
 from .report import ShardStats, print_summary, write_summary
@@ -425,9 +427,15 @@ def cli_entry(args: argparse.Namespace) -> int:
     return run_cache(config, overwrite=args.overwrite)
 
 
+def configure(p: argparse.ArgumentParser) -> None:
+    """Arguments of `latentforge cache` and `python -m latentforge.preprocess`."""
+    add_run_args(p)
+    p.add_argument("--overwrite", action="store_true", help="recompute every shard, even those already committed")
+
+
 def main(argv: list[str] | None = None) -> int:
     """torchrun entry: `torchrun --nproc_per_node N -m latentforge.preprocess --config FILE ...`."""
-    from latentforge.shared.cli import main as cli_main
-
-    return cli_main(["cache", *(sys.argv[1:] if argv is None else argv)])
-
+    parser = argparse.ArgumentParser(prog="python -m latentforge.preprocess", description="the cache job")
+    configure(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    return run_guarded("cache", cli_entry, args)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from latentforge.shared.buckets import assign_bucket, needs_upscale, plan_crop
+from latentforge.preprocess.buckets import assign_bucket, needs_upscale, plan_crop
 from latentforge.shared.cache_format import UPSCALE_METHODS
 from latentforge.shared.config import Config
 

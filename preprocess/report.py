@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from latentforge.shared.cache_writer import CacheWriter
+from latentforge.preprocess.cache_writer import CacheWriter
 from latentforge.shared.config import Config
 
 PHASES = ("read", "prepare", "vae", "text", "write", "total")

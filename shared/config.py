@@ -19,8 +19,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-FAMILIES = ("sdxl", "sd1", "sd2", "pixart_sigma", "sana")
-Family = Literal["sdxl", "sd1", "sd2", "pixart_sigma", "sana"]
+from .families import FAMILY_FACTS
+
+FAMILIES = tuple(FAMILY_FACTS)
+Family = Literal[FAMILIES]  # type: ignore[valid-type]  # the facts table is the one list of families
 StoreDtype = Literal["bfloat16", "float16"]
 ComputeDtype = Literal["float32", "bfloat16", "float16"]
 

@@ -2,7 +2,9 @@
 
 A family's text-field widths come from the model's own configs (so a tiny test model and the real
 model go through the same code); everything else that differs between families is a constant here.
-Adding a family means adding one `FamilyFacts` entry and its `text_fields` rule.
+This table is the list of families: `config.FAMILIES` is derived from it, and a registry test holds every
+entry to its encoders (`preprocess/families/`), its denoiser adapter (`train/families/`), its tiny model
+(`devkit/`), its config and its docs row. docs/families.md "Adding a family" is the checklist.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class FamilyFacts:
     has_text_mask: bool  # the text embedding travels with an attention mask (T5, Gemma)
     micro_conditioning: bool  # SDXL-style add_time_ids from original size, crop and target size
     text_max_tokens: int  # tokens per prompt window the family was trained with
+    vae_class: str = "AutoencoderKL"  # diffusers autoencoder class (KL posterior, or SANA's deterministic DC-AE)
 
 
 FAMILY_FACTS: dict[str, FamilyFacts] = {
@@ -30,7 +33,8 @@ FAMILY_FACTS: dict[str, FamilyFacts] = {
     "sd1": FamilyFacts("sd1", 8, 64, has_pooled=False, has_text_mask=False, micro_conditioning=False, text_max_tokens=77),
     "sd2": FamilyFacts("sd2", 8, 64, has_pooled=False, has_text_mask=False, micro_conditioning=False, text_max_tokens=77),
     "pixart_sigma": FamilyFacts("pixart_sigma", 8, 64, has_pooled=False, has_text_mask=True, micro_conditioning=False, text_max_tokens=300),
-    "sana": FamilyFacts("sana", 32, 32, has_pooled=False, has_text_mask=True, micro_conditioning=False, text_max_tokens=300),
+    "sana": FamilyFacts("sana", 32, 32, has_pooled=False, has_text_mask=True, micro_conditioning=False, text_max_tokens=300,
+                         vae_class="AutoencoderDC"),
 }
 
 

@@ -17,14 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> Path:
-    from latentforge.shared.tiny_models import build_tiny_pipeline
+    from latentforge.devkit.tiny_models import build_tiny_pipeline
 
     return build_tiny_pipeline("sdxl", tmp_path_factory.mktemp("models") / "tiny-sdxl")
 
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
-    from latentforge.shared.demo_data import write_demo_data
+    from latentforge.devkit.demo_data import write_demo_data
 
     root = tmp_path_factory.mktemp("demo") / "data"
     write_demo_data(root)

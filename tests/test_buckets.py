@@ -8,7 +8,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from latentforge.shared.buckets import (
+from latentforge.preprocess.buckets import (
     CropPlan,
     assign_bucket,
     buckets_by_resolution,

@@ -18,6 +18,8 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from latentforge.preprocess.cache_writer import CacheWriter, _array_template, _create_array, to_storage
+from latentforge.preprocess.shard_writer import ChunkWriter, RowShardWriter
 from latentforge.shared.cache_format import (
     CACHE_JSON,
     COMMIT_JSON,
@@ -29,9 +31,7 @@ from latentforge.shared.cache_format import (
     compute_fingerprint,
 )
 from latentforge.shared.cache_reader import CacheReader
-from latentforge.shared.cache_writer import CacheWriter, _array_template, _create_array, to_storage
 from latentforge.shared.families import cached_fields, text_field_names
-from latentforge.shared.shard_writer import ChunkWriter, RowShardWriter
 from latentforge.shared.storage import Storage
 
 BUCKETS = ((64, 64), (64, 128), (128, 64))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from latentforge.shared.cli import main
+from latentforge.app.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from latentforge.devkit.tiny_models import build_tiny_pipeline
 from latentforge.preprocess.job import run_cache
 from latentforge.shared.cache_reader import CacheReader
 from latentforge.shared.config import load_config
-from latentforge.shared.tiny_models import build_tiny_pipeline
 from latentforge.train.export import export_pipeline
 from latentforge.train.trainer import Trainer
 

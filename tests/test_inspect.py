@@ -12,10 +12,10 @@ import pytest
 import zarr
 from PIL import Image
 
+from latentforge.app.cli import main
+from latentforge.app.inspect_cache import CELL
 from latentforge.shared.cache_format import bucket_name
 from latentforge.shared.cache_reader import CacheReader
-from latentforge.shared.cli import main
-from latentforge.shared.inspect_cache import CELL
 
 BF16_NAN = 0x7FC0
 

@@ -12,7 +12,7 @@ from diffusers import DDPMScheduler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from latentforge.shared.buckets import sdxl_time_ids
+from latentforge.preprocess.buckets import sdxl_time_ids
 from latentforge.shared.config import TimestepBiasConfig
 from latentforge.train.objective import (
     add_noise,

@@ -36,7 +36,7 @@ SHARDS = 14  # the demo photos at 2 samples per shard
 
 @pytest.fixture(scope="module")
 def many_shards(tmp_path_factory) -> Path:
-    from latentforge.shared.demo_data import write_demo_data
+    from latentforge.devkit.demo_data import write_demo_data
 
     root = tmp_path_factory.mktemp("many-shards") / "data"
     summary = write_demo_data(root, samples_per_shard=2)
@@ -208,7 +208,7 @@ WRITER_SCRIPT = r'''
 import sys, time
 import numpy as np
 from latentforge.shared.cache_format import CacheSpec, FieldSpec
-from latentforge.shared.cache_writer import CacheWriter
+from latentforge.preprocess.cache_writer import CacheWriter
 
 url, version, action, fingerprint = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 fields = (FieldSpec("latent_mean", (4, "h", "w"), "bfloat16"), FieldSpec("prompt_embeds", (8, 16), "bfloat16"),
@@ -303,7 +303,7 @@ def _keys(lo: int, hi: int, version: int) -> frozenset:
     ("dedup:rewrite", "dedup", "fp1", {"groups": {"g0": _keys(0, 10, 1), "g1": _keys(5, 15, 1)}}),
 ])
 def test_killed_while_replacing_readers_see_old_or_nothing_never_half(point, action, fingerprint, allowed, tmp_path):
-    from latentforge.shared.cache_writer import CacheWriter
+    from latentforge.preprocess.cache_writer import CacheWriter
 
     cache = tmp_path / "cache"
     assert _writer(cache, 1, "groups") == 0

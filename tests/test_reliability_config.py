@@ -55,7 +55,7 @@ def train_argv(model: Path, cache: Path, out: Path, extra: list[str], config: Pa
 def main_in_process(argv: list[str], capsys) -> tuple[int, str]:
     """`latentforge ...` through the same `main` the console script calls (the console script itself is
     run for one case of each command below)."""
-    from latentforge.shared.cli import main
+    from latentforge.app.cli import main
 
     capsys.readouterr()
     rc = main(argv)

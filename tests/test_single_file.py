@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from latentforge.shared.cli import main
+from latentforge.app.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

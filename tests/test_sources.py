@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 from reliability_support import write_tar
 
+from latentforge.devkit.demo_data import CAPTIONS, DemoDataSummary, write_demo_data
 from latentforge.preprocess.source_checks import SKIP_REASONS, redact_url
 from latentforge.preprocess.sources import (
     RawSample,
@@ -29,7 +30,6 @@ from latentforge.preprocess.sources import (
 )
 from latentforge.shared.cache_format import check_group_id
 from latentforge.shared.config import SourceConfig
-from latentforge.shared.demo_data import CAPTIONS, DemoDataSummary, write_demo_data
 
 SECRET = "lf-test-SECRET-wJalrXUtnFEMI-K7MDENG"
 

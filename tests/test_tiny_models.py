@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from latentforge.shared.tiny_models import TINY_BUILDERS, build_tiny_pipeline
+from latentforge.devkit.tiny_models import TINY_BUILDERS, build_tiny_pipeline
 
 PROMPT = "a photo of a cat sitting on a red chair"
 

@@ -103,7 +103,7 @@ def test_cache_model_mismatch_fails_before_step_one(small_cache, tmp_path, tiny_
     from diffusers import UNet2DConditionModel
 
     from latentforge.shared.cache_format import CacheMismatchError
-    from latentforge.train.families import SdxlAdapter
+    from latentforge.train.families.sdxl import SdxlAdapter
 
     UNet2DConditionModel.from_config(cfg).save_pretrained(other / "unet")
     with pytest.raises(CacheMismatchError, match="prompt_embeds width: cache has 96, model expects 128"):

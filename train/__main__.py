@@ -2,8 +2,6 @@
 
 import sys
 
-from latentforge.shared.cli import main
+from .trainer import main
 
-# The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment already says the same.
-argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-sys.exit(main(["train", *argv]))
+sys.exit(main())

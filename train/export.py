@@ -88,7 +88,7 @@ def _lora_model(model_cls: Any, base: str, subfolder: str, state: dict[str, Any]
     """The base model with the run's LoRA layers, loaded with the trained adapter weights."""
     from latentforge.shared.config import Config
 
-    from .families import add_lora
+    from .lora import add_lora
 
     model = model_cls.from_pretrained(base, subfolder=subfolder, torch_dtype=torch.float32)
     add_lora(model, Config.model_validate(state["config"]))

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -257,3 +258,16 @@ def cli_entry(args: Any) -> int:
     from latentforge.shared.config import load_config
 
     return run_train(load_config(args.config, args.overrides))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Launcher entry (`deepspeed --module latentforge.train`, `python -m latentforge.train`)."""
+    import argparse
+
+    from latentforge.shared.entry import add_run_args, run_guarded
+
+    parser = argparse.ArgumentParser(prog="python -m latentforge.train", description="train from the cache")
+    add_run_args(parser)
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment already says the same.
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
+    return run_guarded("train", cli_entry, parser.parse_args(argv))

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from latentforge.shared.families import family_facts
+
 from . import objective as obj
 
 if TYPE_CHECKING:
@@ -63,7 +65,7 @@ def image_grid(tr: Trainer) -> np.ndarray | None:
     import diffusers
 
     cfg = tr.config.model
-    vae_cls = diffusers.AutoencoderDC if cfg.family == "sana" else diffusers.AutoencoderKL
+    vae_cls = getattr(diffusers, family_facts(cfg.family).vae_class)
     vae = vae_cls.from_pretrained(cfg.vae or cfg.pretrained, subfolder=None if cfg.vae else "vae").to(tr.dist.device)
     sched_cfg = diffusers.DDPMScheduler.load_config(cfg.pretrained, subfolder="scheduler")
     scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)

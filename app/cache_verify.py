@@ -33,7 +33,7 @@ def _rows_text(rows: Any, keys: Any) -> str:
 
 def verify_cache(reader: Any) -> list[str]:
     """Every problem found, one line each, naming the file and the shard (group) it is in."""
-    from .cache_format import compute_fingerprint
+    from latentforge.shared.cache_format import compute_fingerprint
 
     problems: list[str] = []
     spec = reader.spec
@@ -52,8 +52,8 @@ def _verify_bucket(reader: Any, group_id: str, name: str, count: int) -> list[st
     import numpy as np
     import zarr
 
-    from .buckets import plan_crop
-    from .cache_format import SHARDS_DIR, UPSCALE_METHODS, parse_bucket_name
+    from latentforge.preprocess.buckets import plan_crop
+    from latentforge.shared.cache_format import SHARDS_DIR, UPSCALE_METHODS, parse_bucket_name
 
     spec = reader.spec
     bucket = parse_bucket_name(name)

@@ -23,7 +23,7 @@ import google_crc32c
 import numcodecs
 import numpy as np
 
-from .storage import Storage
+from latentforge.shared.storage import Storage
 
 _EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)
 _SHUFFLE = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,

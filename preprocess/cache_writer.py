@@ -19,7 +19,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from .cache_format import (
+from latentforge.shared.cache_format import (
     CACHE_JSON,
     COMMIT_JSON,
     PROMPTS_DIR,
@@ -34,9 +34,10 @@ from .cache_format import (
     check_group_id,
     parse_bucket_name,
 )
-from .faults import fault_point
+from latentforge.shared.faults import fault_point
+from latentforge.shared.storage import Storage, StorageWriteError
+
 from .shard_writer import ChunkWriter, RowShardWriter
-from .storage import Storage, StorageWriteError
 
 
 def _compressors(codec: str, itemsize: int) -> Any:

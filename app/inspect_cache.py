@@ -27,7 +27,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .file_hash import sha256_file
+from latentforge.shared.file_hash import sha256_file
 
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
@@ -63,7 +63,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 # ---- summary ---------------------------------------------------------------------------------------------
 def summarize(reader: Any) -> dict[str, Any]:
     """Everything the printed summary shows, as plain data (also what the tests look at)."""
-    from .cache_format import bucket_name
+    from latentforge.shared.cache_format import bucket_name
 
     spec = reader.spec
     skips: Counter = Counter()
@@ -125,7 +125,7 @@ def upscale_counts(reader: Any) -> dict[str, int]:
     """How samples reached their bucket, counted from the cached `upscale_method` field."""
     import numpy as np
 
-    from .cache_format import UPSCALE_METHODS
+    from latentforge.shared.cache_format import UPSCALE_METHODS
 
     if "upscale_method" not in {f.name for f in reader.spec.fields}:
         return {}
@@ -211,7 +211,7 @@ def draw_bucket_histogram(buckets: dict[str, int], path: Path, title: str) -> Pa
     """Horizontal bars, one per bucket (tall to wide), labelled HxW, with a small shape glyph and the count."""
     from PIL import Image, ImageDraw
 
-    from .cache_format import parse_bucket_name
+    from latentforge.shared.cache_format import parse_bucket_name
 
     font, small = _font(14), _font(12)
     row_h, top, label_w, bar_w = 24, 44, 150, 460
@@ -277,7 +277,9 @@ def resolve_vae(spec: Any, model: str | None) -> tuple[str, str | None, list[str
 def load_vae(source: str, subfolder: str | None, family: str) -> Any:
     import diffusers
 
-    cls_name = "AutoencoderDC" if family == "sana" else "AutoencoderKL"
+    from latentforge.shared.families import family_facts
+
+    cls_name = family_facts(family).vae_class
     config = Path(source) / (subfolder or "") / "config.json"
     if config.is_file():
         cls_name = json.loads(config.read_text()).get("_class_name", cls_name)
@@ -311,7 +313,7 @@ def pick_rows(count: int, n: int) -> list[int]:
 
 def _resized(bucket: tuple[int, int], original: tuple[int, int], crop: tuple[int, int]) -> tuple[int, int, float]:
     """(height, width) of the cover-resized image a sample was cropped from, and the panel's drawing scale."""
-    from .buckets import plan_crop
+    from latentforge.preprocess.buckets import plan_crop
 
     th, tw = bucket
     try:
@@ -353,7 +355,7 @@ def draw_bucket_grid(reader: Any, bucket: tuple[int, int], rows: list[int], vae:
     """`grid-<HxW>.png`: the chosen rows of a bucket decoded with `vae`, crop geometry drawn on them."""
     from PIL import Image, ImageDraw
 
-    from .cache_format import UPSCALE_METHODS, bucket_name
+    from latentforge.shared.cache_format import UPSCALE_METHODS, bucket_name
 
     names = {code: name for name, code in UPSCALE_METHODS.items()}
     have = {f.name for f in reader.spec.fields}
@@ -397,8 +399,8 @@ def default_out(url: str) -> Path:
 def run_inspect(cache: str, *, out: str | None = None, verify: bool = False, per_bucket: int = DEFAULT_PER_BUCKET,
                 model: str | None = None, echo: Any = print) -> int:
     """Print the summary, write the PNGs, optionally verify. Returns the exit code (1: problems found)."""
-    from .cache_format import bucket_name
-    from .cache_reader import CacheReader
+    from latentforge.shared.cache_format import bucket_name
+    from latentforge.shared.cache_reader import CacheReader
 
     reader = CacheReader(cache)
     try:

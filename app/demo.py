@@ -12,11 +12,12 @@ import sys
 import time
 from pathlib import Path
 
+from latentforge.devkit.demo_data import write_demo_data
+from latentforge.devkit.tiny_models import build_tiny_pipeline
+from latentforge.shared.config import load_config
+
 from .cli import SUBCOMMANDS
 from .cli import main as cli_main
-from .config import load_config
-from .demo_data import write_demo_data
-from .tiny_models import build_tiny_pipeline
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 

@@ -1,0 +1,1 @@
+"""latentforge.app: the `latentforge` command, the demo, inspect and verify (above both stages)."""
