@@ -14,17 +14,30 @@ I2D_STAMP := $(I2D_VENV)/.stamp-$(shell sha256sum requirements-img2dataset.txt 2
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 CONFIG ?= configs/demo.yaml
+DEMO_CONFIG := configs/demo.yaml
 NPROC ?= 1
 DEMO_DIR ?= demo
-# Everything the tests and the demo run is offline: tiny models are built locally, data ships in packages.
-export HF_HUB_OFFLINE := 1
-export TRANSFORMERS_OFFLINE := 1
-export HF_DATASETS_OFFLINE := 1
-export DS_ACCELERATOR ?= cpu
+# The commands the targets run; a test swaps them for an environment probe (tests/test_make_targets.py),
+# and INSTALL= skips the venv check there.
+INSTALL ?= install
+LF ?= $(VENV)/bin/latentforge
+TORCHRUN ?= $(VENV)/bin/torchrun
+DEEPSPEED ?= $(VENV)/bin/deepspeed
+LINT_IMPORTS ?= $(VENV)/bin/lint-imports
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo cache train bench lint clean dataset soak
+# Offline and on the CPU: only what runs on the built-in tiny models (tests, the demo, benchmarks, soak).
+# `make cache` and `make train` get the user's environment as it is: hub downloads unless the user set
+# HF_HUB_OFFLINE, CUDA and NCCL wherever torch sees a GPU.
+OFFLINE_TARGETS := test demo demo-assets bench soak
+$(OFFLINE_TARGETS): export HF_HUB_OFFLINE := 1
+$(OFFLINE_TARGETS): export TRANSFORMERS_OFFLINE := 1
+$(OFFLINE_TARGETS): export HF_DATASETS_OFFLINE := 1
+$(OFFLINE_TARGETS): export DS_ACCELERATOR ?= cpu
+$(OFFLINE_TARGETS): export CUDA_VISIBLE_DEVICES ?=
+
+.PHONY: install test demo demo-assets cache train bench lint clean dataset soak
 
 install: $(STAMP) $(I2D_STAMP)
 
@@ -46,32 +59,37 @@ $(I2D_STAMP):
 	touch $(I2D_STAMP)
 
 # Long fault-injection runs (@pytest.mark.soak) run only under `make soak`; docs/reliability.md.
-test: install
-	$(VENV)/bin/lint-imports --no-cache
+test: $(INSTALL)
+	$(LINT_IMPORTS) --no-cache
 	$(PY) -m pytest -q -p no:cacheprovider -m "not soak"
 
-soak: install
+soak: $(INSTALL)
 	$(PY) -m pytest -q -p no:cacheprovider -m soak
 
 # Style (ruff) and the floors of the code (import-linter contracts in .importlinter).
-lint: install
+lint: $(INSTALL)
 	$(PY) -m ruff check app preprocess train shared devkit tests bench
-	$(VENV)/bin/lint-imports --no-cache
+	$(LINT_IMPORTS) --no-cache
 
-demo: install
+demo: $(INSTALL)
 	$(PY) -m latentforge.app.demo --dir $(DEMO_DIR)
 
-cache: install
-	@if [ "$(NPROC)" -gt 1 ]; then \
-	  $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m latentforge.preprocess --config $(CONFIG) $(ARGS); \
-	else $(VENV)/bin/latentforge cache --config $(CONFIG) $(ARGS); fi
+# The demo config points at the demo's photos and tiny model; a fresh clone has neither until they are built.
+demo-assets: $(INSTALL)
+	$(LF) demo-data --out $(DEMO_DIR)/data
+	$(LF) tiny-model --family sdxl --out $(DEMO_DIR)/tiny-sdxl
 
-train: install
+cache: $(INSTALL) $(if $(filter $(DEMO_CONFIG),$(CONFIG)),$(if $(wildcard $(DEMO_DIR)/tiny-sdxl/model_index.json),,demo-assets))
 	@if [ "$(NPROC)" -gt 1 ]; then \
-	  $(VENV)/bin/deepspeed --num_gpus $(NPROC) --module latentforge.train --config $(CONFIG) $(ARGS); \
-	else $(VENV)/bin/latentforge train --config $(CONFIG) $(ARGS); fi
+	  $(TORCHRUN) --standalone --nproc_per_node $(NPROC) -m latentforge.preprocess --config $(CONFIG) $(ARGS); \
+	else $(LF) cache --config $(CONFIG) $(ARGS); fi
 
-bench: install
+train: $(INSTALL)
+	@if [ "$(NPROC)" -gt 1 ]; then \
+	  $(DEEPSPEED) --num_gpus $(NPROC) --module latentforge.train --config $(CONFIG) $(ARGS); \
+	else $(LF) train --config $(CONFIG) $(ARGS); fi
+
+bench: $(INSTALL)
 	$(PY) -m bench.run_all
 
 # Download a url list (csv: url,caption[,more columns]) into img2dataset tar shards; see docs/data-sources.md.

@@ -18,10 +18,10 @@ __all__ = ["EXIT_FAILURE", "EXIT_USAGE", "SUBCOMMANDS", "build_parser", "main", 
 def _cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
-    from latentforge.shared.config import config_to_dict, load_config
+    from latentforge.shared.config import load_config, printable_config
 
     config = load_config(args.config, args.overrides)
-    print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
+    print(yaml.safe_dump(printable_config(config), sort_keys=False), end="")
     return 0
 
 

@@ -1,0 +1,281 @@
+"""The config schema: every section and key of a run, with its type, bounds and description.
+
+Why pydantic rather than plain dataclasses: it gives strict typing, `extra="forbid"` and per-field
+descriptions for free, and DeepSpeed already depends on it, so it costs no extra install. Loading YAML,
+applying overrides and phrasing errors live in `config.py`; this module only declares.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .families import FAMILY_FACTS
+from .secrets import credential_error, find_credential
+
+FAMILIES = tuple(FAMILY_FACTS)
+Family = Literal[FAMILIES]  # type: ignore[valid-type]  # the facts table is the one list of families
+StoreDtype = Literal["bfloat16", "float16"]
+ComputeDtype = Literal["float32", "bfloat16", "float16"]
+
+
+def credential_in_config(tree: Any) -> tuple[str | None, bool]:
+    """(dotted path, found in a URL) of the first credential in a raw config tree, or (None, False).
+
+    Option names count inside every `storage_options` (at any depth) and the `deepspeed` section
+    (monitors take api keys); a URL with userinfo counts anywhere.
+    """
+    if not isinstance(tree, dict):
+        return None, False
+    url = find_credential(tree, names=False)
+    if url:
+        return url, True
+    candidates: list[tuple[str, Any]] = [("deepspeed", tree.get("deepspeed")),
+                                         ("cache.storage_options", (tree.get("cache") or {}).get("storage_options")
+                                          if isinstance(tree.get("cache"), dict) else None)]
+    sources = (tree.get("data") or {}).get("sources") if isinstance(tree.get("data"), dict) else None
+    for i, src in enumerate(sources if isinstance(sources, list) else []):
+        if isinstance(src, dict):
+            candidates.append((f"data.sources.{i}.storage_options", src.get("storage_options")))
+    for path, sub in candidates:
+        if isinstance(sub, dict):
+            found = find_credential(sub, names=True, path=path)
+            if found:
+                return found, False
+    return None, False
+
+
+class _Section(BaseModel):
+    # Strict: a misspelt key must fail loudly, and "1e-5" in YAML must not silently become a string.
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+
+
+class ModelConfig(_Section):
+    pretrained: str = Field(
+        description="Hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0) or local diffusers pipeline folder."
+    )
+    family: Family = Field(default="sdxl", description="Model family: " + ", ".join(FAMILIES) + ".")
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit) to pin.")
+    variant: str | None = Field(default=None, description="Weight variant to load, e.g. fp16.")
+    vae: str | None = Field(
+        default=None, description="Optional separate VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix."
+    )
+
+
+class MetadataFilter(_Section):
+    field: str = Field(description="Key in the sample's json metadata, e.g. aesthetic_score.")
+    op: Literal[">", ">=", "<", "<=", "==", "!=", "in", "not in"] = Field(description="Comparison operator.")
+    value: Any = Field(description="Right-hand side; a list for in / not in.")
+
+
+class SourceConfig(_Section):
+    type: Literal["webdataset", "folder"] = Field(
+        description="webdataset: img2dataset-style tar shards; folder: images with .txt/.json sidecars."
+    )
+    path: str = Field(
+        description="Tar glob / brace range / URL (http(s)://, s3://) for webdataset; a directory for folder."
+    )
+    caption_field: str = Field(
+        default="txt", description="Where the caption lives: 'txt' (sidecar/member) or a key of the json metadata."
+    )
+    repeats: int = Field(default=1, ge=1, description="How many times each sample appears per training epoch.")
+    shard_size: int = Field(
+        default=1000, ge=1, description="Folder sources: images per virtual shard (sorted listing)."
+    )
+    filters: list[MetadataFilter] = Field(default_factory=list, description="Declarative json-metadata filters.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options (e.g. endpoint_url for R2). Never put keys here: use the environment.",
+    )
+
+
+class DataConfig(_Section):
+    sources: list[SourceConfig] = Field(min_length=1, description="Input datasets, cached together.")
+    validation_prompts: list[str] = Field(
+        default_factory=list, description="Prompts cached with the dataset, used for validation images."
+    )
+
+
+class BucketsConfig(_Section):
+    resolutions: list[int] = Field(
+        default=[1024], min_length=1, description="Target resolutions; each bucket has area close to res**2."
+    )
+    step: int = Field(default=64, ge=8, description="Bucket sides are multiples of this (pixels).")
+    min_aspect: float = Field(default=0.25, gt=0, description="Smallest width/height ratio of a bucket.")
+    max_aspect: float = Field(default=4.0, gt=0, description="Largest width/height ratio of a bucket.")
+    min_resolution: int = Field(default=0, ge=0, description="Skip images whose shorter side is below this.")
+    crop: Literal["center", "random"] = Field(
+        default="center", description="Crop after cover-resize; random is seeded by the sample key."
+    )
+
+    @model_validator(mode="after")
+    def _aspect_order(self) -> BucketsConfig:
+        if self.min_aspect > self.max_aspect:
+            raise ValueError(f"min_aspect ({self.min_aspect}) must be <= max_aspect ({self.max_aspect})")
+        for r in self.resolutions:
+            if r < self.step or r % self.step:
+                raise ValueError(f"resolutions: {r} must be a positive multiple of step ({self.step})")
+        return self
+
+
+class UpscaleConfig(_Section):
+    enabled: bool = Field(default=True, description="Upscale images smaller than their bucket.")
+    threshold: float = Field(
+        default=1.0, ge=1.0, description="Upscale when the bucket needs more than this resize factor."
+    )
+    model_path: str | None = Field(
+        default=None, description="Real-ESRGAN .pth (e.g. RealESRGAN_x4plus.pth); absent -> Lanczos fallback."
+    )
+    face_model_path: str | None = Field(default=None, description="GFPGAN .pth for face restoration (optional).")
+    tile: int = Field(default=256, ge=32, description="Tile size in pixels so large images fit in memory.")
+    tile_pad: int = Field(default=16, ge=0, description="Overlap between tiles, in pixels.")
+
+
+class CacheConfig(_Section):
+    path: str = Field(description="Where the cache lives: a local path or an fsspec URL (s3://bucket/prefix).")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for cache.path (e.g. endpoint_url); never credentials."
+    )
+    latent_mode: Literal["mean", "dist"] = Field(
+        default="mean", description="mean: posterior mean only; dist: mean and std (sample fresh each step)."
+    )
+    store_dtype: StoreDtype = Field(default="bfloat16", description="On-disk dtype of latents and embeddings.")
+    vae_dtype: ComputeDtype = Field(
+        default="float32", description="VAE compute dtype (the SDXL VAE overflows in float16)."
+    )
+    text_dtype: ComputeDtype = Field(default="float32", description="Text-encoder compute dtype.")
+    batch_size: int = Field(default=8, ge=1, description="Images per VAE batch (per bucket).")
+    max_pixels: int = Field(
+        default=178_956_970, ge=1, description="Decompression-bomb limit: images with more pixels are skipped."
+    )
+    flip: bool = Field(default=False, description="Also cache the horizontally flipped image.")
+    clip_skip: int = Field(default=0, ge=0, description="Extra text-encoder layers to skip (0 = family default).")
+    max_tokens: int | None = Field(
+        default=None, ge=1,
+        description="Prompt tokens: default the family's (77 CLIP, 300 T5/Gemma); SDXL above 77 encodes 75-token windows (150, 225).",
+    )
+    codec: Literal["blosc-lz4", "blosc-zstd", "zstd", "none"] = Field(
+        default="blosc-lz4", description="Compression of tensor chunks (blosc shuffles bytes first)."
+    )
+    shard_rows: int = Field(
+        default=256, ge=1, description="Rows per Zarr shard file of a bucket array (rows are chunks inside it)."
+    )
+
+    workers: int = Field(default=2, ge=1, description="Threads decoding/resizing/upscaling ahead of the encoders.")
+    max_skip_fraction: float = Field(
+        default=0.5, ge=0, le=1, description="Exit non-zero (after committing all work) if more samples are skipped."
+    )
+    deterministic: bool = Field(
+        default=True,
+        description="Bitwise-identical tensors whatever the process/thread count: CPU runs without oneDNN "
+        "(about 2x slower VAE on CPU), CUDA with deterministic cuDNN.",
+    )
+    missing_caption: Literal["skip", "empty"] = Field(
+        default="skip", description="A sample without a caption: skip it, or cache it with the empty prompt."
+    )
+
+
+class TimestepBiasConfig(_Section):
+    strategy: Literal["none", "earlier", "later", "range"] = Field(
+        default="none", description="Bias timestep sampling towards earlier/later steps or a range (MindONE/diffusers)."
+    )
+    multiplier: float = Field(default=1.0, gt=0, description="Weight of the biased timesteps relative to the others.")
+    begin: int = Field(default=0, ge=0, description="First timestep of the range (strategy: range).")
+    end: int = Field(default=1000, ge=1, description="End (exclusive) of the range (strategy: range).")
+    portion: float = Field(default=0.25, gt=0, le=1, description="Fraction of timesteps biased (earlier/later).")
+
+    @model_validator(mode="after")
+    def _range(self) -> TimestepBiasConfig:
+        if self.begin >= self.end:
+            raise ValueError(f"begin ({self.begin}) must be < end ({self.end})")
+        return self
+
+
+class EmaConfig(_Section):
+    enabled: bool = Field(default=False, description="Keep an exponential moving average of the trained weights (fp32).")
+    decay: float = Field(default=0.9999, gt=0, lt=1, description="EMA decay per update.")
+    start_step: int = Field(default=0, ge=0, description="Optimizer step at which EMA updates begin.")
+    update_every: int = Field(default=1, ge=1, description="Update the EMA every N optimizer steps.")
+
+
+class LoraSection(_Section):
+    enabled: bool = Field(default=False, description="Train LoRA adapters (peft) instead of the full denoiser.")
+    rank: int = Field(default=16, ge=1, description="LoRA rank r.")
+    alpha: float = Field(default=16.0, gt=0, description="LoRA alpha (the update is scaled by alpha / rank).")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        description="Module names or regex (peft target_modules) that get adapters; default: attention projections.",
+    )
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
+
+
+class TrainConfig(_Section):
+    output_dir: str = Field(description="Checkpoints, TensorBoard logs and exports go here.")
+    max_steps: int = Field(gt=0, description="Optimizer steps to train.")
+    seed: int = Field(default=0, ge=0, description="Seed for sample order, noise and dropout.")
+    lr: float = Field(default=1e-5, gt=0, description="Peak learning rate (per sample x global batch with scale_lr).")
+    scale_lr: bool = Field(default=False, description="Multiply lr by the global batch size.")
+    lr_scheduler: Literal["constant", "cosine", "linear"] = Field(default="constant", description="Decay after warmup.")
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warmup steps from 0 to lr.")
+    micro_batch_size: int = Field(default=1, ge=1, description="Samples per rank per forward pass.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
+    max_grad_norm: float = Field(default=1.0, ge=0, description="Gradient clipping (0 disables).")
+    weight_decay: float = Field(default=1e-2, ge=0, description="AdamW weight decay.")
+    adam_betas: tuple[float, float] = Field(default=(0.9, 0.999), description="AdamW betas.")
+    adam_eps: float = Field(default=1e-8, gt=0, description="AdamW epsilon.")
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
+    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
+        default=None, description="Training target; default: the model's scheduler config."
+    )
+    snr_gamma: float | None = Field(default=None, gt=0, description="Min-SNR-gamma loss weighting (e.g. 5.0); off when unset.")
+    noise_offset: float = Field(default=0.0, ge=0, description="Offset noise strength (e.g. 0.05).")
+    timestep_bias: TimestepBiasConfig = Field(default_factory=TimestepBiasConfig, description="Timestep sampling bias.")
+    flow_weighting: Literal["logit_normal", "uniform"] = Field(
+        default="logit_normal", description="Flow-matching families (SANA): how noise levels are sampled."
+    )
+    flow_shift: float | None = Field(default=None, gt=0, description="Flow-matching shift; default the scheduler's.")
+    logit_mean: float = Field(default=0.0, description="Mean of the logit-normal noise-level distribution.")
+    logit_std: float = Field(default=1.0, gt=0, description="Std of the logit-normal noise-level distribution.")
+    caption_dropout: float = Field(default=0.0, ge=0, le=1, description="Probability of training on the empty prompt.")
+    micro_conditioning_dropout: float = Field(
+        default=0.0, ge=0, le=1, description="Probability of zeroing SDXL's size/crop conditioning for a sample."
+    )
+    ema: EmaConfig = Field(default_factory=EmaConfig, description="Exponential moving average of the weights.")
+    lora: LoraSection = Field(default_factory=LoraSection, description="Low-rank adapters (peft) on the denoiser.")
+    held_out_fraction: float = Field(
+        default=0.0, ge=0, lt=1, description="Fraction of samples (by key hash) kept out of training for validation."
+    )
+    validation_every: int = Field(default=0, ge=0, description="Validation loss + image grid every N steps (0: off).")
+    validation_inference_steps: int = Field(default=20, ge=1, description="Denoising steps for validation images.")
+    checkpoint_every: int = Field(default=500, ge=1, description="Save a DeepSpeed checkpoint every N steps.")
+    keep_last: int = Field(default=3, ge=1, description="Checkpoints to keep.")
+    resume: str | None = Field(default=None, description="'latest', a checkpoint folder, or unset for a fresh run.")
+    log_every: int = Field(default=10, ge=1, description="TensorBoard scalars every N steps.")
+    num_workers: int = Field(default=2, ge=0, description="DataLoader worker processes reading the cache.")
+    prefetch_factor: int = Field(default=4, ge=1, description="Batches each worker reads ahead.")
+
+
+class Config(_Section):
+    """A whole run. Both stages read the same file; each ignores sections it does not need."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, tree: Any) -> Any:
+        # Also here, not only in load_config: a config snapshot read back from a checkpoint is checked too.
+        where, in_url = credential_in_config(tree)
+        if where:
+            raise ValueError(credential_error(where, in_url=in_url))
+        return tree
+
+    model: ModelConfig
+    data: DataConfig
+    buckets: BucketsConfig = Field(default_factory=BucketsConfig)
+    upscale: UpscaleConfig = Field(default_factory=UpscaleConfig)
+    cache: CacheConfig
+    train: TrainConfig
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict, description="Passed to DeepSpeed (zero_optimization, bf16, ...); validated there."
+    )
+
+
