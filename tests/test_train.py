@@ -59,6 +59,87 @@ def test_trainer_imports_no_text_encoder():
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
 
 
+class _TinyDenoiser(torch.nn.Module):
+    """Stands in for a UNet: its prediction depends on the noisy latents and the text embeddings."""
+
+    def forward(self, noisy, timesteps, encoder_hidden_states):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(sample=0.5 * noisy + encoder_hidden_states.mean())
+
+
+def _step_setup(**train: object):
+    from latentforge.train import objective as obj
+    from latentforge.train.families.sd import Sd1Adapter
+    from latentforge.train.step import Objective, StepSetup
+
+    config = load_config(DEMO, ["model.family=sd1", *(f"train.{k}={v}" for k, v in train.items())])
+    alphas = torch.linspace(0.99, 0.01, 1000)
+    weights = obj.timestep_weights(1000, config.train.timestep_bias)
+    objective = Objective(lambda x, n, g: obj.diffusion_pair(x, n, g, alphas, weights, "epsilon", config.train.snr_gamma),
+                          "epsilon", alphas)
+    empty = {"prompt_embeds": torch.zeros(1, 7, 8)}
+    return StepSetup(Sd1Adapter(), objective, config, empty, 0.5, None, torch.device("cpu"), torch.float32)
+
+
+def _rows(n: int, seed: int, std: bool = True) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    batch = {"latent_mean": torch.randn(n, 4, 8, 8, generator=g), "prompt_embeds": torch.randn(n, 7, 8, generator=g)}
+    if std:
+        batch["latent_std"] = torch.rand(n, 4, 8, 8, generator=g)
+    return batch
+
+
+def test_held_out_loss_is_the_training_forward_in_evaluation_mode():
+    from latentforge.train.step import forward_loss
+    from latentforge.train.validation import VALIDATION_SEED, held_out_loss
+
+    model, setup = _TinyDenoiser(), _step_setup(caption_dropout=1.0, noise_offset=0.1)
+    quiet = _step_setup(caption_dropout=0.0, noise_offset=0.0)
+
+    def loss(s, batch, seed, evaluate):
+        return float(forward_loss(model, s, batch, torch.Generator().manual_seed(seed), evaluate=evaluate).loss)
+
+    # Evaluation ignores the posterior's spread, the noise offset and dropout; training uses them all.
+    assert loss(setup, _rows(3, 1), 7, True) == loss(quiet, _rows(3, 1, std=False), 7, True)
+    assert loss(setup, _rows(3, 1), 7, False) != loss(quiet, _rows(3, 1), 7, False)
+    assert loss(setup, _rows(3, 1), 7, False) == loss(setup, _rows(3, 1), 7, False)
+
+    rows = {(64, 64): [0, 1, 2], (64, 128): [3, 4]}
+    data = {r: _rows(1, r) for r in range(5)}
+
+    class Reader:
+        def read_rows(self, bucket, wanted):
+            return {k: torch.cat([data[r][k] for r in wanted]) for k in data[0]}
+
+    # By hand: the training step's forward over the sorted buckets' micro-batches, one seeded generator.
+    g, total = torch.Generator().manual_seed(VALIDATION_SEED), 0.0
+    for chunk in ([0, 1], [2], [3, 4]):
+        total += float(forward_loss(model, setup, Reader().read_rows(None, chunk), g, evaluate=True).loss) * len(chunk)
+    assert held_out_loss(model, setup, Reader(), rows, micro_batch_size=2) == total / 5
+    assert held_out_loss(model, setup, Reader(), {}, micro_batch_size=2) is None
+
+
+def test_train_state_writes_the_checkpoint_json_and_restores_in_place():
+    from latentforge.train.checkpoint import TrainState
+    from latentforge.train.sampler import GlobalBucketSchedule
+
+    schedule = GlobalBucketSchedule({(64, 64): 9, (64, 128): 5}, 2, seed=3)
+    saved = TrainState(engine=None, schedule=schedule, sampler=schedule.advance(schedule.initial_state(), 5), rank=0,
+                       world=2, step=5, snapshot={"cache_fingerprint": "abc", "config": {"x": 1}})
+    doc = json.loads(json.dumps(saved.state_dict()))
+    assert list(doc) == ["step", "sampler", "world_size", "cache_fingerprint", "config"]  # trainer_state.json
+    assert doc["world_size"] == 2 and doc["step"] == 5
+    fresh = TrainState(engine=None, schedule=schedule, sampler=schedule.initial_state(), rank=1, world=2)
+    fresh.load_state_dict(doc)
+    assert (fresh.step, fresh.sampler) == (5, saved.sampler)
+    other = GlobalBucketSchedule({(64, 64): 9, (64, 128): 5}, 2, seed=4)
+    untouched = TrainState(engine=None, schedule=other, sampler=other.initial_state(), rank=0, world=2)
+    with pytest.raises(ValueError, match="seed"):
+        untouched.load_state_dict(doc)
+    assert (untouched.step, untouched.sampler) == (0, other.initial_state())
+
+
 def test_resume_is_exact_without_text_encoders_and_export_round_trips(unet_only_model, small_cache, tiny_sdxl, tmp_path):
     common = ["train.max_steps=6", "train.checkpoint_every=3", "train.ema.enabled=true", FP32_ZERO % 2]
     full = run_in_process(train_args(unet_only_model, small_cache, tmp_path / "a", *common))

@@ -9,6 +9,10 @@ Layout of `OUTPUT/checkpoints/`::
         COMPLETE              written last, after every rank finished: only such folders are resumable
     latest                    name of the newest COMPLETE folder (a hint; the scan decides)
 
+What a checkpoint holds is one `TrainState`: the run's stateful parts (engine, sampler position, EMA,
+generators, step), after torchtitan's checkpoint of `Stateful` objects. `save_checkpoint` writes it and
+`load_checkpoint` restores a checkpoint into it in place.
+
 A crash at any point leaves either an older COMPLETE checkpoint or a folder without the marker, which
 `find_checkpoint("latest")` ignores. Secrets never enter a checkpoint: the config snapshot holds only
 config values, and credentials are never config values (the config rejects them).
@@ -21,8 +25,10 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -30,11 +36,55 @@ import torch.distributed as dist
 
 from latentforge.shared.faults import fault_point
 
+from .sampler import GlobalBucketSchedule, SamplerState
+
 COMPLETE = "COMPLETE"
+EMA_FILE = "ema.safetensors"
+STATE_FILE = "trainer_state.json"
 _TAG_RE = re.compile(r"^step-(\d{8})$")
 
 
+class Stateful(Protocol):
+    """An object that saves and restores itself (torch.distributed.checkpoint's `Stateful`), e.g. `Ema`."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainState:
+    """The stateful parts of a run: what `save_checkpoint` writes and `load_checkpoint` restores in place.
+
+    The DeepSpeed engine stands for model, optimizer and lr scheduler (DeepSpeed writes their files itself,
+    partitioned under ZeRO). `rank` and `world` say whose files these are: each rank saves its own RNG
+    states, and a resume at another world size keeps the (global) sample order but not the RNG streams.
+    """
+
+    engine: Any
+    schedule: GlobalBucketSchedule  # checks that a restored sampler position fits this run
+    sampler: SamplerState  # position in the global sample order
+    rank: int
+    world: int
+    step: int = 0  # optimizer steps done
+    ema: Stateful | None = None  # the fp32 EMA, on the main rank only
+    generators: dict[str, torch.Generator] = field(default_factory=dict)  # saved per rank with the global RNGs
+    trainable_only: bool = False  # LoRA: the engine saves and loads only the trainable parameters
+    # Written for readers of the checkpoint (export reads the config), never restored from it.
+    snapshot: dict[str, Any] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The JSON of trainer_state.json: step, sampler position, world size, then the snapshot."""
+        return {"step": self.step, "sampler": self.sampler.to_dict(), "world_size": self.world, **self.snapshot}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore step and sampler position; a position from another global batch or seed is an error."""
+        self.sampler = self.schedule.load_state(state["sampler"])  # checked before anything changes
+        self.step = int(state["step"])
+
+
 def tag_for(step: int) -> str:
+    """Folder name of the checkpoint after optimizer step `step`."""
     return f"step-{step:08d}"
 
 
@@ -83,13 +133,15 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(engine: Any, output_dir: str | Path, step: int, trainer_state: dict[str, Any],
-                    generators: dict[str, torch.Generator], rank: int, keep_last: int,
-                    ema_state: dict[str, torch.Tensor] | None = None, trainable_only: bool = False) -> Path:
-    """Collective: every rank calls it. Rank 0 marks it COMPLETE last and prunes old checkpoints."""
+def save_checkpoint(state: TrainState, output_dir: str | Path, keep_last: int) -> Path:
+    """Write `state` as OUTPUT/checkpoints/step-N (N = `state.step`); keep the newest `keep_last`.
+
+    Collective: every rank calls it. Rank 0 marks it COMPLETE last and prunes old checkpoints.
+    """
     root = Path(output_dir) / "checkpoints"
-    tag = tag_for(step)
+    tag = tag_for(state.step)
     path = root / tag
+    rank = state.rank
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if path.exists():  # a half-written folder from a crash at this very step
@@ -97,16 +149,16 @@ def save_checkpoint(engine: Any, output_dir: str | Path, step: int, trainer_stat
             shutil.rmtree(path)
     _barrier()
     # LoRA runs keep only the adapters (and their optimizer state): the frozen base is the base model's.
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False,
-                           exclude_frozen_parameters=trainable_only)
+    state.engine.save_checkpoint(str(root), tag=tag, client_state={"step": state.step}, save_latest=False,
+                                 exclude_frozen_parameters=state.trainable_only)
     fault_point("checkpoint:deepspeed_written")
-    torch.save(_rng_state(generators), path / f"rng-rank{rank}.pt")
+    torch.save(_rng_state(state.generators), path / f"rng-rank{rank}.pt")
     if rank == 0:
-        (path / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, default=str))
-        if ema_state is not None:
+        (path / STATE_FILE).write_text(json.dumps(state.state_dict(), indent=2, default=str))
+        if state.ema is not None:
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in ema_state.items()}, str(path / "ema.safetensors"))
+            save_file({k: v.contiguous() for k, v in state.ema.state_dict().items()}, str(path / EMA_FILE))
     _barrier()  # every rank's files are on disk before the marker says so
     if rank == 0:
         _fsync_tree(path)  # COMPLETE must never reach the disk before the files it vouches for
@@ -124,19 +176,26 @@ def save_checkpoint(engine: Any, output_dir: str | Path, step: int, trainer_stat
     return path
 
 
-def load_checkpoint(engine: Any, path: Path, generators: dict[str, torch.Generator], rank: int,
-                    world: int, trainable_only: bool = False) -> dict[str, Any]:
-    """Restore engine, RNGs and return the trainer state. A different world size keeps the data order
-    (the sampler state is global) but gets fresh per-rank RNG streams."""
-    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True, load_module_strict=not trainable_only)
+def load_checkpoint(state: TrainState, path: Path) -> None:
+    """Restore the checkpoint at `path` into `state`: engine, RNGs, step, sampler position and EMA.
+
+    A different world size keeps the data order (the sampler state is global) but gets fresh per-rank
+    RNG streams. A checkpoint without an EMA leaves `state.ema` as it was built.
+    """
+    load_path, _ = state.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True,
+                                                load_module_strict=not state.trainable_only)
     if load_path is None:
         raise FileNotFoundError(f"{path}: DeepSpeed could not load this checkpoint")
-    state = json.loads((path / "trainer_state.json").read_text())
-    rng_file = path / f"rng-rank{rank}.pt"
-    if state.get("world_size") == world and rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False), generators)
-    return state
+    saved = json.loads((path / STATE_FILE).read_text())
+    rng_file = path / f"rng-rank{state.rank}.pt"
+    if saved.get("world_size") == state.world and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False), state.generators)
+    state.load_state_dict(saved)
+    if state.ema is not None and (path / EMA_FILE).exists():
+        from safetensors.torch import load_file
+
+        state.ema.load_state_dict(load_file(str(path / EMA_FILE)))
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -34,9 +34,11 @@ class Ema:
         return True
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The fp32 shadow weights by parameter name (what a checkpoint's ema.safetensors holds)."""
         return self.shadow
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy a saved shadow in place; one that lacks a trained parameter is refused."""
         missing = set(self.shadow) - set(state)
         if missing:
             raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {sorted(missing)[0]}")

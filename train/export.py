@@ -18,36 +18,17 @@ from typing import Any
 import torch
 
 from .checkpoint import COMPLETE, find_checkpoint
+from .checkpoint_weights import DTYPES, read_trainer_state, trained_state_dict
 from .families import adapter_for
+from .single_file import export_checkpoint_single_file, export_single_file
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def trained_state_dict(checkpoint: Path, use_ema: bool) -> dict[str, torch.Tensor]:
-    """fp32 weights of the trained model from a checkpoint (EMA when asked and present)."""
-    if use_ema:
-        ema = checkpoint / "ema.safetensors"
-        if not ema.is_file():
-            raise FileNotFoundError(f"{checkpoint}: no ema.safetensors; the run did not keep an EMA (train.ema.enabled)")
-        from safetensors.torch import load_file
-
-        return load_file(str(ema))
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    stage = int(state["config"]["deepspeed"].get("zero_optimization", {}).get("stage", 0))
-    if stage == 0:
-        blob = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return {k: v.float() for k, v in blob["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+__all__ = ["DTYPES", "cli_entry", "configure", "export_pipeline", "trained_state_dict"]
 
 
 def export_pipeline(checkpoint: Path, out: Path, *, use_ema: bool = False, dtype: str = "fp16",
                     base: str | None = None, merge: bool = False) -> Path:
     """Write the pipeline folder (LoRA runs: the adapter folder, or with `merge` a merged pipeline)."""
-    if not (checkpoint / COMPLETE).is_file():
-        raise FileNotFoundError(f"{checkpoint}: not a complete checkpoint (no {COMPLETE} marker)")
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state = read_trainer_state(checkpoint)
     model_cfg = state["config"]["model"]
     base = base or model_cfg["pretrained"]
     adapter = adapter_for(model_cfg["family"])
@@ -131,6 +112,7 @@ def _save_lora(pipe_cls: Any, subfolder: str, model: Any, out: Path, state: dict
 
 
 def cli_entry(args: argparse.Namespace) -> int:
+    """`latentforge export`: a checkpoint, a run folder or (with --single-file) a pipeline folder -> an export."""
     path = Path(args.checkpoint)
     single = getattr(args, "single_file", False)
     if not single and (getattr(args, "with_vae", False) or getattr(args, "with_text_encoders", False)):
@@ -138,8 +120,6 @@ def cli_entry(args: argparse.Namespace) -> int:
 
         raise ConfigError("--with-vae and --with-text-encoders go with --single-file (a pipeline folder has them all)")
     if single and (path / "model_index.json").is_file():  # a diffusers pipeline folder, e.g. an earlier export
-        from .single_file import export_single_file
-
         if args.ema or args.base:
             from latentforge.shared.config import ConfigError
 
@@ -155,8 +135,6 @@ def cli_entry(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{path}: neither a complete checkpoint nor a run folder holding one")
         path = found
     if single:
-        from .single_file import export_checkpoint_single_file
-
         out = export_checkpoint_single_file(path, Path(args.out), use_ema=args.ema, dtype=args.dtype, base=args.base,
                                             with_vae=args.with_vae, with_text_encoders=args.with_text_encoders)
         print(f"exported {path} ({'EMA' if args.ema else 'trained'} weights; {_parts(args)}, {args.dtype}) "
@@ -172,6 +150,7 @@ def _parts(args: argparse.Namespace) -> str:
 
 
 def configure(p: Any) -> None:
+    """The arguments of `latentforge export`."""
     p.add_argument("checkpoint", help="a checkpoint folder (step-N) or a run's output_dir (newest checkpoint)")
     p.add_argument("--out", required=True, help="folder for the diffusers pipeline (a .safetensors file with --single-file)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights instead of the trained ones")

@@ -41,7 +41,8 @@ import torch
 
 from latentforge.shared.config import ConfigError
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+from .checkpoint_weights import DTYPES, read_trainer_state, trained_state_dict
+from .families import adapter_for
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -354,13 +355,7 @@ def export_checkpoint_single_file(checkpoint: Path, out: str | Path, *, use_ema:
                                   base: str | None = None, with_vae: bool = False,
                                   with_text_encoders: bool = False) -> Path:
     """A training checkpoint's UNet (trained or EMA) as a single file; VAE/text encoders from the base pipeline."""
-    from .checkpoint import COMPLETE
-    from .export import trained_state_dict
-    from .families import adapter_for
-
-    if not (checkpoint / COMPLETE).is_file():
-        raise FileNotFoundError(f"{checkpoint}: not a complete checkpoint (no {COMPLETE} marker)")
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state = read_trainer_state(checkpoint)
     model_cfg = state["config"]["model"]
     base = base or model_cfg["pretrained"]
     adapter = adapter_for(model_cfg["family"])

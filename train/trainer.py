@@ -2,7 +2,8 @@
 
 No VAE encoder, no text encoder, no tokenizer and no image decoding here: latents and embeddings come
 from the cache, caption dropout uses the cached empty-prompt embedding. `Trainer.train_step` is the
-one function that turns a micro-batch into a gradient.
+one function that turns a micro-batch into a gradient; its forward pass and loss (`step.forward_loss`)
+are also what held-out validation measures. What a checkpoint saves and restores is `self.train_state`.
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ from latentforge.shared.config import Config, config_to_dict
 from latentforge.shared.preflight import check_model_paths
 
 from . import objective as obj
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import TrainState, find_checkpoint, load_checkpoint, save_checkpoint
 from .data import CachedBatches, CachedSamples, build_loader
 from .distributed import build_engine, deepspeed_config, init_distributed
 from .ema import Ema
 from .families import adapter_for
 from .metrics import Metrics
-from .sampler import GlobalBucketSchedule, MicroBatchSampler
+from .sampler import GlobalBucketSchedule, MicroBatchSampler, SamplerState
+from .step import StepSetup, build_objective, forward_loss
+from .validation import ValidationData, validate
 
 log = logging.getLogger("latentforge.train")
 
@@ -62,11 +65,11 @@ class Trainer:
         for bucket, n in (self.schedule.starved_buckets.items() if self.dist.is_main else ()):
             log.warning("bucket %sx%s has %d samples, fewer than one global batch (%d): they are never trained",
                         bucket[0], bucket[1], n, self.global_batch)
-        empty, self.validation_prompts, self.validation_embeds = self.cache.prompts()
-        self.empty = {k: v.to(self.dist.device) for k, v in empty.items()}
+        empty, prompts, embeds = self.cache.prompts()
+        self.validation = ValidationData(self.cache, self.samples.val_rows, prompts, embeds)
 
         # Objective: the noise schedule comes from the model's own scheduler config.
-        self.make_pair = self._objective(config)
+        self.objective = build_objective(config, self.adapter, self.dist.device)
 
         # Engine, EMA, metrics.
         self.ds_config = deepspeed_config(config, self.dist.world)
@@ -76,44 +79,44 @@ class Trainer:
             model, config, self.ds_config,
             lambda step: obj.lr_lambda(step, t.warmup_steps, t.max_steps, t.lr_scheduler))
         self.dtype = next(self.engine.module.parameters()).dtype
+        self.setup = StepSetup(self.adapter, self.objective, config, {k: v.to(self.dist.device) for k, v in empty.items()},
+                               self.cache.spec.scaling_factor, self.cache.spec.shift_factor, self.dist.device, self.dtype)
         self.ema = Ema(self.engine.module, t.ema.decay, t.ema.start_step, t.ema.update_every) \
             if t.ema.enabled and self.dist.is_main else None
-        self.val_generator = torch.Generator(device="cpu")
         self.output = Path(t.output_dir)
         self.metrics = Metrics(self.output / "tensorboard", self.dist.is_main)
         self.output.mkdir(parents=True, exist_ok=True)
 
-        # Resume: engine, RNGs, step and the global sample order.
-        self.step, self.state = 0, self.schedule.initial_state()
+        # Resume: engine, RNGs, step, the global sample order and the EMA, restored into one TrainState.
+        self.train_state = TrainState(
+            engine=self.engine, schedule=self.schedule, sampler=self.schedule.initial_state(), rank=self.dist.rank,
+            world=self.dist.world, ema=self.ema, trainable_only=t.lora.enabled,
+            snapshot={"cache_fingerprint": self.cache.spec.fingerprint, "config": config_to_dict(config)})
         self.history: list[float] = []  # mean loss of every optimizer step this process ran
         ckpt = find_checkpoint(t.output_dir, t.resume)
         if ckpt is not None:
-            resumed = load_checkpoint(self.engine, ckpt, {}, self.dist.rank, self.dist.world,
-                                      trainable_only=t.lora.enabled)
-            self.step = int(resumed["step"])
-            self.state = self.schedule.load_state(resumed["sampler"])
-            if self.ema is not None and (ckpt / "ema.safetensors").exists():
-                from safetensors.torch import load_file
-
-                self.ema.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
+            load_checkpoint(self.train_state, ckpt)
             log.info("resumed from %s at step %d", ckpt, self.step)
 
-    def _objective(self, config: Config) -> Any:
-        """(latents, noise, generator) -> NoisedBatch, as the family's objective and scheduler config say."""
-        from diffusers import DDPMScheduler
+    # `step` and `state` read and write the TrainState, so it stays the one record of where the run is
+    # (bench/ drives the loop by hand through them).
+    @property
+    def step(self) -> int:
+        """Optimizer steps done."""
+        return self.train_state.step
 
-        t = config.train
-        sched_cfg = DDPMScheduler.load_config(config.model.pretrained, subfolder="scheduler")
-        steps = int(sched_cfg.get("num_train_timesteps", 1000))
-        if self.adapter.objective == "flow":
-            shift = t.flow_shift or float(sched_cfg.get("flow_shift") or sched_cfg.get("shift") or 1.0)
-            self.alphas_cumprod, self.prediction_type = None, "flow"
-            return lambda x, n, g: obj.flow_pair(x, n, g, shift, steps, t.flow_weighting, t.logit_mean, t.logit_std)
-        sched = DDPMScheduler.from_config({k: v for k, v in sched_cfg.items() if k in DDPMScheduler._get_init_keys(DDPMScheduler)})
-        self.alphas_cumprod = sched.alphas_cumprod.to(self.dist.device)
-        self.prediction_type = t.prediction_type or sched_cfg.get("prediction_type", "epsilon")
-        weights = obj.timestep_weights(steps, t.timestep_bias)
-        return lambda x, n, g: obj.diffusion_pair(x, n, g, self.alphas_cumprod, weights, self.prediction_type, t.snr_gamma)
+    @step.setter
+    def step(self, value: int) -> None:
+        self.train_state.step = value
+
+    @property
+    def state(self) -> SamplerState:
+        """Position in the global sample order."""
+        return self.train_state.sampler
+
+    @state.setter
+    def state(self, value: SamplerState) -> None:
+        self.train_state.sampler = value
 
     # ---- one micro-batch ------------------------------------------------------------------------
     def batch_generator(self, batch: dict[str, Any]) -> torch.Generator:
@@ -128,17 +131,8 @@ class Trainer:
         return torch.Generator(device="cpu").manual_seed(seed)
 
     def train_step(self, batch: dict[str, Any]) -> float:
-        """Noise the cached latents, predict, weight the loss, backward, and let DeepSpeed step."""
-        dev, g = self.dist.device, self.batch_generator(batch)
-        mean = batch["latent_mean"].float()
-        latents = obj.sample_posterior(mean, batch["latent_std"].float(), g) if "latent_std" in batch else mean
-        latents = obj.scale_latents(latents, self.cache.spec.scaling_factor, self.cache.spec.shift_factor).to(dev)
-        noise = obj.sample_noise(latents, g, self.config.train.noise_offset)
-        pair = self.make_pair(latents, noise, g)
-        cond = self.adapter.condition({k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()},
-                                      self.empty, self.config, g)
-        pred = self.adapter.forward(self.engine, pair.noisy.to(self.dtype), pair.timesteps, cond)
-        loss = obj.diffusion_loss(pred.float(), pair.target, pair.weights)
+        """Noise the cached latents, predict, weight the loss (`forward_loss`), backward, and let DeepSpeed step."""
+        loss = forward_loss(self.engine, self.setup, batch, self.batch_generator(batch)).loss
         self.engine.backward(loss)
         self.engine.step()
         return float(loss.detach())
@@ -203,17 +197,13 @@ class Trainer:
         (self.output / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
     def save(self) -> Path:
-        state = {"step": self.step, "sampler": self.state.to_dict(), "world_size": self.dist.world,
-                 "cache_fingerprint": self.cache.spec.fingerprint, "config": config_to_dict(self.config)}
-        return save_checkpoint(self.engine, self.config.train.output_dir, self.step, state, {},
-                               self.dist.rank, self.config.train.keep_last,
-                               self.ema.state_dict() if self.ema is not None else None,
-                               trainable_only=self.config.train.lora.enabled)
+        """Checkpoint the TrainState (collective: every rank calls it)."""
+        return save_checkpoint(self.train_state, self.config.train.output_dir, self.config.train.keep_last)
 
     def validate(self) -> None:
-        from .validation import validate
-
-        validate(self)
+        """Held-out loss and (main rank) the image grid, from the weights as they are now."""
+        validate(self.engine.module, self.setup, self.validation, self.metrics, self.step, is_main=self.dist.is_main,
+                 sharded=self.ds_config["zero_optimization"].get("stage", 0) == 3)
 
 
 def _mean_over_ranks(value: float, device: torch.device) -> float:

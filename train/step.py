@@ -1,0 +1,115 @@
+"""One micro-batch's forward pass and loss, the single definition shared by training and held-out validation.
+
+`Trainer.train_step` adds backward and the optimizer step around `forward_loss`; held-out validation
+(`validation.held_out_loss`) calls it with `evaluate=True` under `torch.no_grad()`. Keeping one function
+means the validation curve measures exactly the objective the run optimises: the same latent scaling,
+noise schedule, target, conditioning and model call. No optimizer, no I/O, no trainer state here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from latentforge.shared.config import Config
+
+from . import objective as obj
+from .families.base import DenoiserAdapter
+
+PairFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator], obj.NoisedBatch]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The family's objective with the model's own noise schedule: clean latents + noise -> `NoisedBatch`."""
+
+    make_pair: PairFn  # (latents, noise, generator) -> NoisedBatch
+    prediction_type: str  # "epsilon", "v_prediction" or "flow"
+    alphas_cumprod: torch.Tensor | None  # the DDPM schedule; None for flow matching
+
+
+def build_objective(config: Config, adapter: DenoiserAdapter, device: torch.device) -> Objective:
+    """The objective the family and the model's scheduler config say (`train.*` knobs override the latter)."""
+    from diffusers import DDPMScheduler
+
+    t = config.train
+    sched_cfg = DDPMScheduler.load_config(config.model.pretrained, subfolder="scheduler")
+    steps = int(sched_cfg.get("num_train_timesteps", 1000))
+    if adapter.objective == "flow":
+        shift = t.flow_shift or float(sched_cfg.get("flow_shift") or sched_cfg.get("shift") or 1.0)
+        return Objective(
+            lambda x, n, g: obj.flow_pair(x, n, g, shift, steps, t.flow_weighting, t.logit_mean, t.logit_std),
+            "flow", None)
+    init_keys = DDPMScheduler._get_init_keys(DDPMScheduler)
+    sched = DDPMScheduler.from_config({k: v for k, v in sched_cfg.items() if k in init_keys})
+    alphas_cumprod = sched.alphas_cumprod.to(device)
+    prediction_type = t.prediction_type or sched_cfg.get("prediction_type", "epsilon")
+    weights = obj.timestep_weights(steps, t.timestep_bias)
+    return Objective(
+        lambda x, n, g: obj.diffusion_pair(x, n, g, alphas_cumprod, weights, prediction_type, t.snr_gamma),
+        prediction_type, alphas_cumprod)
+
+
+@dataclass(frozen=True)
+class StepSetup:
+    """Everything besides the model, the batch and the generator that a micro-batch's loss depends on.
+
+    Fixed for a run; built once by the trainer and handed to validation as it is.
+    """
+
+    adapter: DenoiserAdapter
+    objective: Objective
+    config: Config
+    empty: dict[str, torch.Tensor]  # the cached empty prompt, on `device` (caption dropout's replacement)
+    scaling_factor: float  # the cache's VAE latent scaling (CacheSpec)
+    shift_factor: float | None
+    device: torch.device
+    dtype: torch.dtype  # the model's parameter dtype: what its input is cast to
+
+
+@dataclass(frozen=True)
+class LossResult:
+    """A micro-batch's loss and what it was taken at."""
+
+    loss: torch.Tensor  # scalar float32; carries the graph when computed with gradients
+    timesteps: torch.Tensor  # per-sample conditioning noise level (DDPM ints, or sigma * 1000 for flow)
+
+    @property
+    def samples(self) -> int:
+        """Number of samples the loss averages over."""
+        return int(self.timesteps.shape[0])
+
+
+def forward_loss(model: Any, setup: StepSetup, batch: dict[str, Any], generator: torch.Generator, *,
+                 evaluate: bool = False) -> LossResult:
+    """Noise the cached latents, predict with `model`, and take the loss.
+
+    Training (`evaluate=False`): latents are a fresh draw from the cached posterior (when the cache kept
+    one), with `train.noise_offset`, caption and micro-conditioning dropout, and the objective's per-sample
+    weights (min-SNR). Held-out evaluation (`evaluate=True`): the posterior mean, no noise offset, no
+    dropout and a plain mean, so that with a fixed generator successive evaluations see the same inputs
+    and only the weights change. Every random draw comes from `generator`, in the same order either way.
+    `model` is whatever `adapter.forward` calls: the DeepSpeed engine in training, its module otherwise.
+    """
+    dev = setup.device
+    mean = batch["latent_mean"].float()
+    posterior = not evaluate and "latent_std" in batch
+    latents = obj.sample_posterior(mean, batch["latent_std"].float(), generator) if posterior else mean
+    latents = obj.scale_latents(latents, setup.scaling_factor, setup.shift_factor).to(dev)
+    noise = obj.sample_noise(latents, generator, 0.0 if evaluate else setup.config.train.noise_offset)
+    pair = setup.objective.make_pair(latents, noise, generator)
+    config = without_dropout(setup.config) if evaluate else setup.config
+    cond = setup.adapter.condition({k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()},
+                                   setup.empty, config, generator)
+    pred = setup.adapter.forward(model, pair.noisy.to(setup.dtype), pair.timesteps, cond)
+    loss = obj.diffusion_loss(pred.float(), pair.target, None if evaluate else pair.weights)
+    return LossResult(loss, pair.timesteps)
+
+
+def without_dropout(config: Config) -> Config:
+    """`config` with caption and micro-conditioning dropout off: evaluation conditions on the real captions and sizes."""
+    return config.model_copy(update={"train": config.train.model_copy(
+        update={"caption_dropout": 0.0, "micro_conditioning_dropout": 0.0})})
