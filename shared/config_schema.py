@@ -221,7 +221,16 @@ class TrainConfig(_Section):
     micro_batch_size: int = Field(default=1, ge=1, description="Samples per rank per forward pass.")
     gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
     max_grad_norm: float = Field(default=1.0, ge=0, description="Gradient clipping (0 disables).")
-    weight_decay: float = Field(default=1e-2, ge=0, description="AdamW weight decay.")
+    optimizer: Literal["adamw", "adamw_8bit", "lion", "lion_8bit", "adafactor", "prodigy", "deepspeed"] = Field(
+        default="adamw",
+        description="adamw (torch; DeepSpeed's CPU Adam under ZeRO-Offload), adamw_8bit / lion / lion_8bit "
+        "(bitsandbytes), adafactor (transformers), prodigy (prodigyopt, use lr 1.0), deepspeed (the "
+        "deepspeed.optimizer section). The warmup/decay schedule applies to each.",
+    )
+    optimizer_args: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments for the optimizer, e.g. {d_coef: 0.5} for Prodigy."
+    )
+    weight_decay: float = Field(default=1e-2, ge=0, description="Decoupled weight decay of the optimizer.")
     adam_betas: tuple[float, float] = Field(default=(0.9, 0.999), description="AdamW betas.")
     adam_eps: float = Field(default=1e-8, gt=0, description="AdamW epsilon.")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,13 @@ def small_cache(tiny_sdxl, demo_data, tmp_path_factory) -> Path:
                                                          "cache.latent_mode=dist", "train.output_dir=unused"])
     assert run_cache(config) == 0
     return cache
+
+
+@pytest.fixture(scope="session")
+def unet_only_model(tiny_sdxl, tmp_path_factory) -> Path:
+    """A model folder with only what training needs: UNet, scheduler, VAE (for validation images)."""
+    folder = tmp_path_factory.mktemp("unet-only") / "model"
+    shutil.copytree(tiny_sdxl, folder)
+    for sub in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        shutil.rmtree(folder / sub)
+    return folder

@@ -21,16 +21,6 @@ DEMO = ROOT / "configs" / "demo.yaml"
 FP32_ZERO = "deepspeed={zero_optimization: {stage: %d}, bf16: {enabled: false}}"
 
 
-@pytest.fixture(scope="module")
-def unet_only_model(tiny_sdxl, tmp_path_factory) -> Path:
-    """A model folder with only what training needs: UNet, scheduler, VAE (for validation images)."""
-    folder = tmp_path_factory.mktemp("unet-only") / "model"
-    shutil.copytree(tiny_sdxl, folder)
-    for sub in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
-        shutil.rmtree(folder / sub)
-    return folder
-
-
 def train_args(model: Path, cache: Path, out: Path, *extra: str) -> list[str]:
     return [f"model.pretrained={model}", f"cache.path={cache}", f"train.output_dir={out}", "train.num_workers=0",
             "train.validation_every=0", "train.held_out_fraction=0", "train.log_every=1", "train.caption_dropout=0.2",

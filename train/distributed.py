@@ -82,6 +82,9 @@ def deepspeed_config(config: Config, world: int) -> dict[str, Any]:
     stage = int(ds["zero_optimization"].get("stage", 0))
     if not 0 <= stage <= 3:
         raise ConfigError(f"deepspeed.zero_optimization.stage={stage}: expected 0, 1, 2 or 3")
+    from .optimizers import check_optimizer
+
+    check_optimizer(config, ds)  # before any model loads: a combination that cannot run fails in one line
     if ds.get("bf16", {}).get("enabled") and stage == 0:
         log.warning("bf16 with ZeRO stage 0 accumulates gradients in bf16 (worse loss); ZeRO >= 1 keeps fp32 masters")
     return ds
@@ -89,22 +92,19 @@ def deepspeed_config(config: Config, world: int) -> dict[str, Any]:
 
 def build_engine(model: torch.nn.Module, config: Config, ds_config: dict[str, Any],
                  lr_lambda: Any) -> tuple[Any, Any, Any]:
-    """The single `deepspeed.initialize` call: model + AdamW + warmup/decay schedule -> engine."""
+    """The single `deepspeed.initialize` call: model + the chosen optimizer + our warmup/decay schedule.
+
+    A `deepspeed.scheduler` section replaces our schedule; otherwise ours is applied to whichever optimizer
+    DeepSpeed ends up stepping (its own from a `deepspeed.optimizer` section, or ours).
+    """
     import deepspeed
 
+    from .optimizers import build_optimizer, schedule
+
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = lr_scheduler = None
-    if "optimizer" not in ds_config:
-        # A torch optimizer avoids compiling DeepSpeed's fused CPU Adam (~85 s) where it buys nothing.
-        optimizer = torch.optim.AdamW(params, lr=_peak_lr(config, ds_config), betas=tuple(config.train.adam_betas),
-                                      eps=config.train.adam_eps, weight_decay=config.train.weight_decay)
-        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    optimizer, ds_config = build_optimizer(params, config, ds_config)
     engine, optimizer, _, lr_scheduler = deepspeed.initialize(
-        model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds_config,
+        model=model, model_parameters=params, optimizer=optimizer, config=ds_config,
+        lr_scheduler=None if "scheduler" in ds_config else schedule(lr_lambda),
     )
     return engine, optimizer, lr_scheduler
-
-
-def _peak_lr(config: Config, ds_config: dict[str, Any]) -> float:
-    scale = ds_config["train_batch_size"] if config.train.scale_lr else 1
-    return config.train.lr * scale
