@@ -53,7 +53,7 @@ def _verify_bucket(reader: Any, group_id: str, name: str, count: int) -> list[st
     import zarr
 
     from latentforge.preprocess.buckets import plan_crop
-    from latentforge.shared.cache_format import SHARDS_DIR, UPSCALE_METHODS, parse_bucket_name
+    from latentforge.shared.cache_format import SHARDS_DIR, UPSCALE_METHODS, decode_keys, parse_bucket_name
 
     spec = reader.spec
     bucket = parse_bucket_name(name)
@@ -65,13 +65,18 @@ def _verify_bucket(reader: Any, group_id: str, name: str, count: int) -> list[st
         return reader.storage.path(f"{SHARDS_DIR}/{group_id}/{name}/{field}")
 
     # Keys first, so problems can name the samples.
-    keys = None
+    keys = raw_keys = None
     if "key" in {f.name for f in spec.fields}:
         try:
-            keys = np.asarray(zarr.open_array(reader.storage.zarr_store(f"{SHARDS_DIR}/{group_id}/{name}/key",
-                                                                        read_only=True), mode="r")[:])
+            raw_keys = zarr.open_array(reader.storage.zarr_store(f"{SHARDS_DIR}/{group_id}/{name}/key",
+                                                                 read_only=True), mode="r")[:]
         except Exception:  # reported below with the field
-            keys = None
+            raw_keys = None
+    if raw_keys is not None:
+        try:
+            keys = decode_keys(raw_keys)
+        except ValueError as exc:
+            problems.append(f"{path('key')}: keys are not zero-padded UTF-8 ({str(exc)[:120]}) {where}")
     for field in spec.fields:
         rel = f"{SHARDS_DIR}/{group_id}/{name}/{field.name}"
         expected = (count, *field.row_shape(bucket, spec.vae_downsample))
@@ -83,15 +88,12 @@ def _verify_bucket(reader: Any, group_id: str, name: str, count: int) -> list[st
         if tuple(arr.shape) != expected:
             problems.append(f"{path(field.name)}: shape {tuple(arr.shape)}, expected {expected} {where}")
             continue
-        if field.dtype == "str":
-            if getattr(arr.dtype, "kind", "") not in ("U", "O", "T"):
-                problems.append(f"{path(field.name)}: dtype {arr.dtype}, expected strings {where}")
-        elif np.dtype(arr.dtype) != np.dtype(field.storage_dtype):
+        if np.dtype(arr.dtype) != np.dtype(field.storage_dtype):
             problems.append(f"{path(field.name)}: dtype {arr.dtype}, expected {field.storage_dtype} "
                             f"({field.dtype}) {where}")
             continue
-        if field.dtype == "bfloat16" and arr.attrs.get("logical_dtype") != "bfloat16":
-            problems.append(f"{path(field.name)}: missing attributes.logical_dtype = bfloat16 {where}")
+        if field.dtype in ("bfloat16", "utf8") and arr.attrs.get("logical_dtype") != field.dtype:
+            problems.append(f"{path(field.name)}: missing attributes.logical_dtype = {field.dtype} {where}")
         step = int((arr.shards or arr.chunks)[0]) if arr.ndim else count
         nan_rows: list[int] = []
         n_nan = n_inf = n_neg = 0

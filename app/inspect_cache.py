@@ -5,10 +5,9 @@ the cache job or the trainer, so it runs on a machine that has neither set up.
 
 * The summary comes from `cache.json` and the committed groups' manifests (sizes, bucket counts, skip
   reasons), plus the cached `upscale_method` field and `CACHE/summary.json` when the job wrote one.
-* `buckets.png` is a bar chart of samples per bucket; `grid-<HxW>.png` shows a few samples of each
-  bucket decoded with the model's VAE, placed inside the outline of the cover-resized image so the crop
-  that was cached (and the part that was cut away) is visible. Captions are not cached, so panels show
-  the sample key, the original size and the crop.
+* `buckets.png` and the `grid-<HxW>.png` of decoded samples are drawn by `inspect_draw.py`, with the VAE
+  `inspect_vae.py` finds: `--model`, the hub model the cache records, or the folder cache.json records
+  as a location hint when its VAE weight hashes still match the fingerprint.
 * `--verify` (in `cache_verify.py`) reads every committed group in full through zarr-python (independent of the
   trainer's reader), checks shapes, dtypes, NaN/Inf, the recorded sizes and the crop geometry, and runs
   `CacheReader.verify(checksums=True)` for file sizes and crc32. Problems print one per line, naming the
@@ -27,24 +26,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from latentforge.shared.file_hash import sha256_file
+from .inspect_draw import draw_bucket_grid, draw_bucket_histogram, pick_rows
+from .inspect_vae import InspectError, load_vae, resolve_vae
 
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
 DEFAULT_PER_BUCKET = 8
-CELL = 288  # longest side of the picture area of one grid panel, pixels
-_PAD = 8
-_TEXT_LINES = 3
-_LINE_H = 16
-_BG = (250, 250, 250)
-_FG = (20, 20, 20)
-_CUT = (200, 200, 200)  # the part of the resized image that was cropped away
-_CROP = (0, 90, 255)  # the crop that was cached (blue: decoded noise of a random VAE is often red)
-_BAR = (70, 110, 190)
-
-
-class InspectError(RuntimeError):
-    """A usage problem the command reports in one line (exit 2)."""
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -57,7 +44,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help=f"samples decoded into grid-<HxW>.png per bucket (default {DEFAULT_PER_BUCKET}; 0: no grids, "
                         "no model needed)")
     p.add_argument("--model", help="diffusers pipeline folder (or VAE folder) whose VAE decodes the grids "
-                                   "(default: the cache's model when cache.json names a hub id)")
+                                   "(default: the cache's hub model, or the folder cache.json records when its "
+                                   "VAE weights still match)")
 
 
 # ---- summary ---------------------------------------------------------------------------------------------
@@ -96,6 +84,7 @@ def summarize(reader: Any) -> dict[str, Any]:
         "family": spec.family,
         "fingerprint": spec.fingerprint,
         "model": describe_model(spec.fingerprint_inputs.get("model")),
+        "model_location": describe_location(spec.model_location),
         "samples": samples,
         "groups": len(reader.groups),
         "stale_groups": list(reader.stale_groups),
@@ -148,7 +137,8 @@ def describe_model(ident: Any) -> str:
             continue
         if "hub_id" in entry:
             variant = f" ({entry['variant']})" if entry.get("variant") else ""
-            parts.append(f"{part}: {entry['hub_id']}@{entry.get('revision', 'main')}{variant}")
+            commit = f" = commit {entry['commit'][:12]}" if entry.get("commit") else ""
+            parts.append(f"{part}: {entry['hub_id']}@{entry.get('revision', 'main')}{commit}{variant}")
         elif "files" in entry:
             weights = [f"{name} {digest[:12]}" for name, digest in sorted(entry["files"].items())
                        if name.endswith((".safetensors", ".bin"))]
@@ -156,10 +146,25 @@ def describe_model(ident: Any) -> str:
     return "; ".join(parts) or json.dumps(ident, sort_keys=True)[:200]
 
 
+def describe_location(location: Any) -> str:
+    """One line naming where the model was loaded from (cache.json's hint, not part of the fingerprint)."""
+    if not isinstance(location, dict) or not location:
+        return "not recorded"
+    parts = []
+    for name in ("pretrained", "vae"):
+        entry = location.get(name)
+        if isinstance(entry, dict) and "path" in entry:
+            parts.append(f"{name}: {entry['path']}")
+        elif isinstance(entry, dict) and "hub_id" in entry:
+            parts.append(f"{name}: {entry['hub_id']}@{entry.get('revision')} (commit {str(entry.get('commit'))[:12]})")
+    return "; ".join(parts) or "not recorded"
+
+
 def format_summary(s: dict[str, Any], spec: Any) -> str:
     lines = [f"cache {s['cache']}",
              f"  format {s['format_version']}, family {s['family']}, fingerprint {s['fingerprint']}",
              f"  model {s['model']}",
+             f"  loaded from {s['model_location']}",
              f"  latents: {spec.latent_channels} channels, 1/{spec.vae_downsample} of the pixel size, "
              f"scaling_factor {spec.scaling_factor}" + (f", shift_factor {spec.shift_factor}" if spec.shift_factor is not None else "")
              + f", mode {spec.latent_mode}; stored {spec.store_dtype}, codec {spec.codec}, {spec.shard_rows} rows per shard file"]
@@ -197,199 +202,6 @@ def format_summary(s: dict[str, Any], spec: Any) -> str:
     return "\n".join(lines)
 
 
-# ---- pictures --------------------------------------------------------------------------------------------
-def _font(size: int = 13) -> Any:
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: bitmap font only
-        return ImageFont.load_default()
-
-
-def draw_bucket_histogram(buckets: dict[str, int], path: Path, title: str) -> Path:
-    """Horizontal bars, one per bucket (tall to wide), labelled HxW, with a small shape glyph and the count."""
-    from PIL import Image, ImageDraw
-
-    from latentforge.shared.cache_format import parse_bucket_name
-
-    font, small = _font(14), _font(12)
-    row_h, top, label_w, bar_w = 24, 44, 150, 460
-    width = label_w + bar_w + 90
-    height = top + row_h * max(len(buckets), 1) + 16
-    img = Image.new("RGB", (width, height), _BG)
-    d = ImageDraw.Draw(img)
-    d.text((10, 12), title, fill=_FG, font=font)
-    peak = max(buckets.values(), default=0) or 1
-    for i, (name, n) in enumerate(buckets.items()):
-        y = top + i * row_h
-        h, w = parse_bucket_name(name)
-        s = 16 / max(h, w)  # glyph: the bucket's shape, 16 px on its long side
-        gw, gh = max(2, round(w * s)), max(2, round(h * s))
-        gx, gy = 10 + (16 - gw) // 2, y + (row_h - gh) // 2
-        d.rectangle([gx, gy, gx + gw - 1, gy + gh - 1], outline=_FG)
-        d.text((34, y + 4), name, fill=_FG, font=small)
-        length = round(bar_w * n / peak)
-        if length:
-            d.rectangle([label_w, y + 4, label_w + length, y + row_h - 4], fill=_BAR)
-        d.text((label_w + length + 6, y + 4), str(n), fill=_FG, font=small)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
-
-
-def resolve_vae(spec: Any, model: str | None) -> tuple[str, str | None, list[str]]:
-    """(pretrained path or hub id, subfolder, notes) of the VAE that decodes the grids.
-
-    Raises `InspectError` (one line) when neither --model nor cache.json names a loadable model: a cache
-    made from a local folder records the model by weight hashes, not by path.
-    """
-    ident = spec.fingerprint_inputs.get("model") if isinstance(spec.fingerprint_inputs, dict) else None
-    vae_ident = ident.get("vae", {}) if isinstance(ident, dict) else {}
-    if model is None:
-        if isinstance(vae_ident, dict) and "hub_id" in vae_ident:
-            return vae_ident["hub_id"], "vae", [f"VAE from the cache's model {vae_ident['hub_id']}"]
-        raise InspectError(
-            "cache.json records its model only by weight hashes (it was made from a local folder), so the VAE "
-            "that decodes the grids is unknown: pass --model MODEL_FOLDER (or --per-bucket 0 for no grids)")
-    p = Path(model)
-    if (p / "vae" / "config.json").is_file():
-        folder, sub = p / "vae", "vae"
-    elif (p / "config.json").is_file():
-        folder, sub = p, None
-    elif p.exists():
-        raise InspectError(f"--model {model}: neither vae/config.json nor config.json there; "
-                           "pass a diffusers pipeline folder or a VAE folder")
-    else:
-        return model, "vae", [f"VAE from {model} (not a local folder: treated as a hub id)"]
-    notes = []
-    recorded = {Path(k).name: v for k, v in vae_ident.get("files", {}).items()
-                if k.endswith((".safetensors", ".bin"))} if isinstance(vae_ident, dict) else {}
-    if recorded:
-        local = {f.name: f for f in folder.iterdir() if f.is_file() and f.name in recorded}
-        same = local and all(sha256_file(f) == recorded[name] for name, f in local.items())
-        notes.append("VAE weights match the cache's fingerprint" if same else
-                     f"warning: the VAE in {model} is not the one this cache was made with (weight hashes differ); "
-                     "the grids may not show what was cached")
-    return str(p), sub, notes
-
-
-def load_vae(source: str, subfolder: str | None, family: str) -> Any:
-    import diffusers
-
-    from latentforge.shared.families import family_facts
-
-    cls_name = family_facts(family).vae_class
-    config = Path(source) / (subfolder or "") / "config.json"
-    if config.is_file():
-        cls_name = json.loads(config.read_text()).get("_class_name", cls_name)
-    import torch
-
-    try:
-        vae = getattr(diffusers, cls_name).from_pretrained(source, subfolder=subfolder, dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        raise InspectError(f"could not load the VAE from {source} ({exc.__class__.__name__}: "
-                           f"{str(exc).splitlines()[0][:160]}); pass --model MODEL_FOLDER") from None
-    return vae.eval()
-
-
-def decode_latents(vae: Any, latents: Any) -> Any:
-    """Native-space latents (N, C, h, w) -> uint8 images (N, H, W, 3). The cache stores latents unscaled."""
-    import torch
-
-    with torch.no_grad():
-        images = vae.decode(latents.to(torch.float32)).sample
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def pick_rows(count: int, n: int) -> list[int]:
-    """Up to `n` rows spread evenly over a bucket (deterministic, first and last included)."""
-    import numpy as np
-
-    if count <= 0 or n <= 0:
-        return []
-    return sorted({int(r) for r in np.linspace(0, count - 1, min(n, count)).round()})
-
-
-def _resized(bucket: tuple[int, int], original: tuple[int, int], crop: tuple[int, int]) -> tuple[int, int, float]:
-    """(height, width) of the cover-resized image a sample was cropped from, and the panel's drawing scale."""
-    from latentforge.preprocess.buckets import plan_crop
-
-    th, tw = bucket
-    try:
-        rh, rw = plan_crop(original[0], original[1], bucket, "center").resized
-    except ValueError:  # a non-positive recorded size: show the crop alone (--verify reports it)
-        rh, rw = th, tw
-    rh, rw = max(rh, crop[0] + th), max(rw, crop[1] + tw)  # a crop outside the image still shows whole
-    return rh, rw, min(CELL / max(rh, rw), 2.0)
-
-
-def _panel(image: Any, bucket: tuple[int, int], original: tuple[int, int], crop: tuple[int, int],
-           method: str, key: str, font: Any, area_h: int) -> Any:
-    """One sample: the cover-resized image's outline (grey), the decoded crop pasted where it was cut
-    (blue box), and the sample's key, original size and crop below. The picture area is CELL x area_h."""
-    from PIL import Image, ImageDraw
-
-    th, tw = bucket
-    top, left = crop
-    rh, rw, s = _resized(bucket, original, crop)
-    panel = Image.new("RGB", (CELL + 2 * _PAD, area_h + 2 * _PAD + _TEXT_LINES * _LINE_H), _BG)
-    d = ImageDraw.Draw(panel)
-    ox = _PAD + (CELL - round(rw * s)) // 2
-    oy = _PAD + (area_h - round(rh * s)) // 2
-    d.rectangle([ox, oy, ox + round(rw * s) - 1, oy + round(rh * s) - 1], fill=_CUT, outline=(120, 120, 120))
-    cx, cy = ox + round(left * s), oy + round(top * s)
-    cw, ch = max(1, round(tw * s)), max(1, round(th * s))
-    panel.paste(Image.fromarray(image).resize((cw, ch), Image.Resampling.LANCZOS), (cx, cy))
-    d.rectangle([cx - 2, cy - 2, cx + cw + 1, cy + ch + 1], outline=_CROP, width=2)
-    ty = area_h + 2 * _PAD - 2
-    key = key if len(key) <= 40 else key[:18] + "..." + key[-19:]
-    d.text((_PAD, ty), key, fill=_FG, font=font)
-    d.text((_PAD, ty + _LINE_H), f"original {original[0]}x{original[1]} -> resized {rh}x{rw}", fill=_FG, font=font)
-    up = "" if method == "none" else f", upscaled: {method}"
-    d.text((_PAD, ty + 2 * _LINE_H), f"crop {th}x{tw} at top {top}, left {left}{up}", fill=_FG, font=font)
-    return panel
-
-
-def draw_bucket_grid(reader: Any, bucket: tuple[int, int], rows: list[int], vae: Any, path: Path) -> Path:
-    """`grid-<HxW>.png`: the chosen rows of a bucket decoded with `vae`, crop geometry drawn on them."""
-    from PIL import Image, ImageDraw
-
-    from latentforge.shared.cache_format import UPSCALE_METHODS, bucket_name
-
-    names = {code: name for name, code in UPSCALE_METHODS.items()}
-    have = {f.name for f in reader.spec.fields}
-    wanted = [f for f in ("latent_mean", "original_size", "crop_top_left", "upscale_method", "key") if f in have]
-    batch = reader.read_rows(bucket, rows, fields=wanted)
-    images = decode_latents(vae, batch["latent_mean"])
-    font = _font(12)
-    samples = []
-    for i, row in enumerate(rows):
-        original = tuple(int(v) for v in batch["original_size"][i]) if "original_size" in batch else bucket
-        crop = tuple(int(v) for v in batch["crop_top_left"][i]) if "crop_top_left" in batch else (0, 0)
-        method = names.get(int(batch["upscale_method"][i]), "?") if "upscale_method" in batch else "none"
-        key = batch["key"][i] if "key" in batch else f"row {row}"
-        samples.append((images[i], bucket, original, crop, method, key))
-    # Panels as tall as the tallest resized image needs, so wide buckets do not waste a square each.
-    area_h = max(round(rh * s) for rh, _, s in (_resized(bucket, x[2], x[3]) for x in samples))
-    panels = [_panel(*x, font, area_h) for x in samples]
-    cols = min(4, len(panels))
-    grid_rows = -(-len(panels) // cols)
-    pw, ph = panels[0].size
-    header = 30
-    grid = Image.new("RGB", (cols * pw, header + grid_rows * ph), _BG)
-    name = bucket_name(bucket)
-    total = reader.bucket_counts()[bucket]
-    ImageDraw.Draw(grid).text(
-        (_PAD, 8), f"bucket {name}: {len(rows)} of {total} samples decoded with the VAE; blue box = the cached crop, "
-        "grey = the rest of the resized image", fill=_FG, font=_font(14))
-    for i, panel in enumerate(panels):
-        grid.paste(panel, ((i % cols) * pw, header + (i // cols) * ph))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return path
-
-
 def default_out(url: str) -> Path:
     if "://" in url and not url.startswith("file://"):
         return Path(f"inspect-{url.rstrip('/').rsplit('/', 1)[-1] or 'cache'}")
@@ -414,10 +226,9 @@ def run_inspect(cache: str, *, out: str | None = None, verify: bool = False, per
                                          f"{summary['samples']} samples in {len(summary['buckets'])} buckets "
                                          f"(cache {summary['fingerprint'][:12]})")]
         if vae_source is not None:
-            source, subfolder, notes = vae_source
-            for note in notes:
+            for note in vae_source.notes:
                 echo(note)
-            vae = load_vae(source, subfolder, reader.spec.family)
+            vae = load_vae(vae_source, reader.spec.family)
             for bucket, count in sorted(reader.bucket_counts().items()):
                 target = out_dir / f"grid-{bucket_name(bucket)}.png"
                 try:

@@ -232,7 +232,7 @@ def writer_array_cost(workdir: Path, arrays: int) -> dict[str, float]:
     fields = [(f, tuple(f.row_shape(bucket, spec.vae_downsample)), f.per_row(bucket, spec.vae_downsample))
               for f in spec.fields]
     rng = np.random.default_rng(0)
-    data = {f.name: to_storage(f, [f"k{i}" for i in range(4)] if f.dtype == "str"
+    data = {f.name: to_storage(f, [f"k{i}" for i in range(4)] if f.is_text
                                else rng.standard_normal((4, *shape), dtype=np.float32) * 100)
             for f, shape, _ in fields}
     groups = max(1, arrays // len(fields))

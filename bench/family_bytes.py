@@ -45,7 +45,7 @@ def measure(family: str) -> tuple[int, float]:
         shape = (SAMPLES, *f.row_shape(bucket, down))
         if f.dtype in ("bfloat16", "float16"):
             rows[f.name] = torch.randn(shape, generator=gen)
-        elif f.dtype == "str":
+        elif f.is_text:
             rows[f.name] = [str(i) for i in range(SAMPLES)]
         else:
             rows[f.name] = np.zeros(shape, f.storage_dtype)
@@ -60,7 +60,7 @@ def measure(family: str) -> tuple[int, float]:
         group.add(bucket, rows)
         disk = sum(group.commit().files.values()) / SAMPLES
     raw = sum(int(np.prod(f.row_shape(bucket, down))) * np.dtype(f.storage_dtype).itemsize
-              for f in spec.fields if f.dtype != "str")
+              for f in spec.fields if not f.is_text)
     return raw, disk
 
 

@@ -24,8 +24,9 @@ from typing import Any
 
 from .common import RESULTS_DIR, ROOT, SIZES, default_workdir, format_row, machine_info, now_iso, save_json
 
-# Cheapest first; the GPU one last.
-BENCHMARKS = ("bytes_per_sample", "reader_throughput", "loader_share", "caching_speedup", "cache_scaling", "gpu_sdxl")
+# Cheapest first; the GPU one last. memory_estimate is arithmetic on meta tensors (seconds, no summary key).
+BENCHMARKS = ("memory_estimate", "bytes_per_sample", "reader_throughput", "loader_share", "caching_speedup",
+              "cache_scaling", "gpu_sdxl")
 SUMMARY_KEYS = ("loader_share", "loader_vs_raw", "loader_vs_npz", "loader_vs_pt", "caching_speedup",
                 "cache_scaling_2v1", "bytes_vs_raw")
 # Goal of each summary figure (issue 5): (comparison, threshold, what it is).

@@ -3,6 +3,7 @@
 A `GroupWriter` buffers rows per bucket and writes whole Zarr shard files when a bucket has `shard_rows`
 rows (aligned writes, no read-modify-write), so memory stays bounded by buckets x shard_rows rows plus a
 global byte budget. Nothing is visible to readers until `commit()` writes `commit.json` last.
+Rewriting a committed group without some keys (cross-shard dedupe) lives in `dedupe.py`.
 """
 
 from __future__ import annotations
@@ -22,17 +23,19 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from latentforge.shared.cache_format import (
     CACHE_JSON,
     COMMIT_JSON,
+    FORMAT_VERSION,
     PROMPTS_DIR,
     SHARDS_DIR,
     TMP_DIR,
-    UPSCALE_METHODS,
     CacheFormatError,
     CacheSpec,
     FieldSpec,
     GroupManifest,
+    SourceOrigin,
     bucket_name,
     check_group_id,
-    parse_bucket_name,
+    encode_keys,
+    format_version_of,
 )
 from latentforge.shared.faults import fault_point
 from latentforge.shared.storage import Storage, StorageWriteError
@@ -51,9 +54,14 @@ def _compressors(codec: str, itemsize: int) -> Any:
 
 
 def to_storage(spec: FieldSpec, values: Any) -> np.ndarray:
-    """Convert a batch (torch tensor, numpy array or list of str) to the field's on-disk numpy dtype."""
-    if spec.dtype == "str":
-        return np.asarray(list(values), dtype=object)
+    """Convert a batch (torch tensor, numpy array or list of str) to the field's on-disk numpy dtype.
+
+    Text fields take a list of str (encoded with `encode_keys` to the field's width) or rows that are
+    already encoded (a uint8 array, e.g. copied from a committed group)."""
+    if spec.is_text:
+        if isinstance(values, np.ndarray) and values.dtype == np.uint8:
+            return values
+        return encode_keys(list(values), width=int(spec.shape[0]))
     torch = sys.modules.get("torch")  # a tensor implies torch is imported; numpy callers never pay for it
     if torch is not None and isinstance(values, torch.Tensor):
         t = values.detach().cpu()
@@ -90,8 +98,6 @@ def _array_template(spec: FieldSpec, row_shape: tuple[int, ...], per_row: bool, 
 
 def _create_array(group: Any, spec: FieldSpec, row_shape: tuple[int, ...], per_row: bool, cache: CacheSpec) -> Any:
     shard_rows = cache.shard_rows
-    if spec.dtype == "str":
-        return group.create_array(spec.name, shape=(0,), chunks=(shard_rows,), dtype=str)
     dtype = np.dtype(spec.storage_dtype)
     chunk_rows = 1 if per_row else shard_rows
     return group.create_array(
@@ -112,8 +118,9 @@ class GroupWriter:
     """Collects the samples of one input shard, bucket by bucket, and commits them as one group."""
 
     def __init__(self, storage: Storage, spec: CacheSpec, group_id: str, source: Mapping[str, Any], source_hash: str,
-                 max_buffer_bytes: int = 1 << 30) -> None:
+                 max_buffer_bytes: int = 1 << 30, origin: SourceOrigin | None = None) -> None:
         self.storage = storage
+        self.origin = origin
         self.spec = spec
         self.group_id = check_group_id(group_id)
         self.source = dict(source)
@@ -134,6 +141,11 @@ class GroupWriter:
                 storage.remove_tree(self.rel)
             self.root = zarr.open_group(storage.zarr_store(self.rel), mode="w", zarr_format=3)
             self.root.attrs.update({"group_id": group_id, "fingerprint": spec.fingerprint, "source_hash": source_hash})
+
+    @property
+    def closed(self) -> bool:
+        """Committed or aborted: no more rows can be added."""
+        return self._closed
 
     @contextmanager
     def _writing(self) -> Iterator[None]:
@@ -175,7 +187,7 @@ class GroupWriter:
         buf = self._buffers.setdefault(name, {f.name: [] for f in self.spec.fields})
         for key, arr in converted.items():
             buf[key].append(arr)
-            self._buffer_bytes += arr.nbytes if arr.dtype != object else 64 * len(arr)
+            self._buffer_bytes += arr.nbytes
         self._buffered_rows[name] = self._buffered_rows.get(name, 0) + (n or 0)
         self._counts[name] = self._counts.get(name, 0) + (n or 0)
         with self._writing():
@@ -209,7 +221,7 @@ class GroupWriter:
             arrays[key].append(data[:take])
             rest = data[take:]
             buf[key] = [rest] if len(rest) else []
-            self._buffer_bytes -= data[:take].nbytes if data.dtype != object else 64 * take
+            self._buffer_bytes -= data[:take].nbytes
         self._buffered_rows[name] = total - take
 
     def flush(self) -> None:
@@ -239,6 +251,7 @@ class GroupWriter:
                 checksums=checksums,
                 skipped=dict(skipped or {}),
                 stats=dict(stats or {}),
+                origin=self.origin,
             )
             self.storage.write_text_atomic(f"{self.rel}/{COMMIT_JSON}", manifest.to_json())
             if self.storage.is_local:
@@ -266,18 +279,24 @@ class GroupWriter:
 class CacheWriter:
     """Creates (or reopens) a cache root and hands out group writers."""
 
-    def __init__(self, url: str, spec: CacheSpec, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, url: str, spec: CacheSpec, storage_options: dict[str, Any] | None = None,
+                 overwrite: bool = False) -> None:
+        """`overwrite` (the job's --overwrite) also takes over a cache of an older format version (or an
+        unreadable cache.json): every group is re-cached, since older manifests never count as done."""
         self.storage = Storage(url, storage_options)
         self.spec = spec
-        existing = self.storage.exists(CACHE_JSON)
-        if existing:
-            old = CacheSpec.from_json(self.storage.read_text(CACHE_JSON), self.storage.path(CACHE_JSON))
-            if old.format_version != spec.format_version or old.family != spec.family:
-                raise CacheFormatError(
-                    f"{self.storage.path(CACHE_JSON)}: existing cache is {old.family} format v{old.format_version}, "
-                    f"this run writes {spec.family} v{spec.format_version}; use a new cache.path"
-                )
-        if not existing or old.fingerprint != spec.fingerprint:
+        old: CacheSpec | None = None
+        if self.storage.exists(CACHE_JSON):
+            text = self.storage.read_text(CACHE_JSON)
+            version = format_version_of(text)
+            if not (overwrite and (version is None or version < FORMAT_VERSION)):
+                old = CacheSpec.from_json(text, self.storage.path(CACHE_JSON))  # names the fix for older versions
+                if old.family != spec.family:
+                    raise CacheFormatError(
+                        f"{self.storage.path(CACHE_JSON)}: existing cache is {old.family} format v{old.format_version}, "
+                        f"this run writes {spec.family} v{spec.format_version}; use a new cache.path"
+                    )
+        if old is None or old.fingerprint != spec.fingerprint:
             # A new fingerprint re-caches every group (each group records the fingerprint it was made with).
             self.storage.write_text_atomic(CACHE_JSON, spec.to_json())
 
@@ -293,12 +312,15 @@ class CacheWriter:
         return out
 
     def is_done(self, group_id: str, source_hash: str, committed: Mapping[str, GroupManifest] | None = None) -> bool:
-        """True when the group is committed with this fingerprint from the same input content."""
+        """True when the group is committed in this format, with this fingerprint, from the same input content."""
         manifests = self.committed() if committed is None else committed
         m = manifests.get(group_id)
-        return m is not None and m.fingerprint == self.spec.fingerprint and m.source_hash == source_hash
+        return (m is not None and m.format_version == self.spec.format_version
+                and m.fingerprint == self.spec.fingerprint and m.source_hash == source_hash)
 
     def group(self, group_id: str, source: Mapping[str, Any], source_hash: str, **kwargs: Any) -> GroupWriter:
+        """A writer for group `group_id` (`source`: the input shard's identity; `origin`, a keyword: the
+        configured source it was listed from, so the trainer can find that source's settings)."""
         return GroupWriter(self.storage, self.spec, group_id, source, source_hash, **kwargs)
 
     def clean_tmp(self) -> None:
@@ -324,49 +346,6 @@ class CacheWriter:
                 self.storage.remove_tree(rel)  # a folder or a file
                 removed += 1
         return removed
-
-    def rewrite_group(self, manifest: GroupManifest, drop_keys: set[str], skipped: Mapping[str, Any],
-                      stats: Mapping[str, Any]) -> GroupManifest:
-        """Commit a committed group again without the rows whose key is in `drop_keys` (rows are copied,
-        not recomputed), with new skip counts and stats. Atomic like any commit: readers see the old group
-        or the new one. `stats["upscale"]` is recounted from the rows kept."""
-        src = f"{SHARDS_DIR}/{manifest.group_id}"
-        copy = None
-        if not self.storage.is_local:  # the new group is written in place: read from a copy
-            copy = f"{SHARDS_DIR}/{TMP_DIR}/{manifest.group_id}.{uuid.uuid4().hex[:12]}"
-            self.storage.copy_tree(src, copy)
-            src = copy
-        old = zarr.open_group(self.storage.zarr_store(src, read_only=True), mode="r")
-        names = {code: name for name, code in UPSCALE_METHODS.items()}
-        upscale: dict[str, int] = {}
-        group = self.group(manifest.group_id, manifest.source, manifest.source_hash)
-        try:
-            for bucket_rel, n in sorted(manifest.bucket_counts.items()):
-                arrays = {f.name: old[f"{bucket_rel}/{f.name}"] for f in self.spec.fields}
-                for start in range(0, n, self.spec.shard_rows):
-                    stop = min(n, start + self.spec.shard_rows)
-                    keys = [str(k) for k in np.asarray(arrays["key"][start:stop])]
-                    keep = np.array([k not in drop_keys for k in keys], dtype=bool)
-                    if not keep.any():
-                        continue
-                    rows = {name: np.asarray(arr[start:stop])[keep] for name, arr in arrays.items()}
-                    rows["key"] = [k for k, kept in zip(keys, keep, strict=True) if kept]
-                    if "upscale_method" in rows:
-                        for code in rows["upscale_method"].tolist():
-                            upscale[names.get(int(code), str(code))] = upscale.get(names.get(int(code), str(code)), 0) + 1
-                    group.add(parse_bucket_name(bucket_rel), rows)
-            fault_point("dedup:rewrite")
-            new_stats = dict(stats)
-            if "upscale" in new_stats:
-                new_stats["upscale"] = upscale
-            return group.commit(skipped=skipped, stats=new_stats)
-        except BaseException:
-            if not group._closed:
-                group.abort()
-            raise
-        finally:
-            if copy is not None:
-                self.storage.remove_tree(copy)
 
     def write_prompts(self, empty: Mapping[str, Any], prompts: Sequence[str], embeddings: Mapping[str, Any],
                       marker: Mapping[str, Any] | None = None) -> None:

@@ -15,9 +15,12 @@ from typing import Any
 
 import torch
 
+from latentforge.shared.cache_format import files_model_part, hub_model_part, model_identity_doc
 from latentforge.shared.config import Config
 from latentforge.shared.families import family_facts
 from latentforge.shared.file_hash import sha256_file
+
+from .model_source import DEFAULT_REVISION, ModelSource, ModelSources
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,14 +68,21 @@ class VaeEncoder:
     one latent (then `latent_std` does not exist and `cache.latent_mode: dist` is refused).
     """
 
-    def __init__(self, config: Config, device: torch.device) -> None:
+    def __init__(self, config: Config, device: torch.device, sources: ModelSources | None = None) -> None:
+        """Load the VAE of `config` on `device`; `sources` (the job's resolved models) pins a separate hub
+        VAE to its resolved commit (the pipeline's own commit arrives as `config.model.revision`)."""
         import diffusers
 
         dtype = DTYPES[config.cache.vae_dtype]
         source = config.model.vae or config.model.pretrained
         kwargs = load_kwargs(config, dtype)
-        if config.model.vae and not is_local(config.model.vae):
-            kwargs.pop("variant", None)  # a standalone VAE repo rarely has the pipeline's variant files
+        if config.model.vae:
+            # model.revision names a revision of the pipeline repo; a separate VAE is another repo.
+            kwargs.pop("revision", None)
+            if sources is not None and sources.vae is not None and sources.vae.load_revision:
+                kwargs["revision"] = sources.vae.load_revision
+            if not is_local(config.model.vae):
+                kwargs.pop("variant", None)  # a standalone VAE repo rarely has the pipeline's variant files
         subfolder = None if config.model.vae else "vae"
         cls = getattr(diffusers, family_facts(config.model.family).vae_class)
         self.model = cls.from_pretrained(source, subfolder=subfolder, **kwargs).to(device).eval()
@@ -101,14 +111,20 @@ class VaeEncoder:
         return run_halving_on_oom(lambda chunk: self._encode(torch.stack(list(chunk))), list(pixels))
 
 
-def model_identity(config: Config) -> dict[str, Any]:
-    """What the cached tensors depend on in the model: weight hashes for local folders, id+revision on the hub.
+def model_identity(config: Config, sources: ModelSources | None = None) -> dict[str, Any]:
+    """What the cached tensors depend on in the model: weight hashes for local folders; for the hub, the id,
+    the configured revision, the commit it resolved to (from `sources`, the job's resolved models; None
+    without them) and the weight variant.
 
     Only the encoders count (VAE, text encoders, tokenizers): swapping the UNet must not invalidate a cache.
+    The key names are the cache contract's (`cache_format.model_identity_doc`): the trainer reads them back.
     """
-    def one(src: str, subfolders: Sequence[str]) -> dict[str, Any]:
+    def one(src: str, subfolders: Sequence[str], source: ModelSource | None, revision: str | None,
+            variant: str | None) -> dict[str, Any]:
         if not is_local(src):
-            return {"hub_id": src, "revision": config.model.revision or "main", "variant": config.model.variant}
+            if source is not None:
+                return hub_model_part(src, source.revision or DEFAULT_REVISION, variant, source.commit)
+            return hub_model_part(src, revision or DEFAULT_REVISION, variant)
         files = {}
         for sub in subfolders:
             base = Path(src) / sub if sub else Path(src)
@@ -117,10 +133,15 @@ def model_identity(config: Config) -> dict[str, Any]:
                     files[f"{sub}/{p.name}" if sub else p.name] = sha256_file(p)
         if not files:
             raise FileNotFoundError(f"model.pretrained: {src} holds no weights under {', '.join(subfolders)}")
-        return {"files": files}
+        return files_model_part(files)
 
+    m = config.model
+    pipe = sources.pretrained if sources is not None else None
     text_subfolders = [d for d in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-                       if not is_local(config.model.pretrained) or (Path(config.model.pretrained) / d).is_dir()]
-    ident = {"text": one(config.model.pretrained, text_subfolders)}
-    ident["vae"] = one(config.model.vae, ("",)) if config.model.vae else one(config.model.pretrained, ("vae",))
-    return ident
+                       if not is_local(m.pretrained) or (Path(m.pretrained) / d).is_dir()]
+    text = one(m.pretrained, text_subfolders, pipe, m.revision, m.variant)
+    if m.vae:  # another repo: loaded at its own default branch, without the pipeline's variant (VaeEncoder)
+        vae = one(m.vae, ("",), sources.vae if sources is not None else None, None, None)
+    else:
+        vae = one(m.pretrained, ("vae",), pipe, m.revision, m.variant)
+    return model_identity_doc(text=text, vae=vae)

@@ -29,17 +29,25 @@ import torch
 
 from latentforge.preprocess.buckets import buckets_by_resolution, generate_bucket_set
 from latentforge.preprocess.cache_writer import CacheWriter
-from latentforge.shared.cache_format import CacheSpec, GroupManifest, compute_fingerprint
-from latentforge.shared.cache_reader import CacheReader
+from latentforge.shared.cache_format import (
+    UPSCALE_WEIGHT_SETTINGS,
+    CacheSpec,
+    GroupManifest,
+    SourceOrigin,
+    compute_fingerprint,
+    fingerprint_inputs,
+)
 from latentforge.shared.config import Config, ConfigError, SourceConfig, load_config
 from latentforge.shared.entry import add_run_args, run_guarded
 from latentforge.shared.families import cached_fields, text_field_names
 from latentforge.shared.file_hash import sha256_file
 from latentforge.shared.preflight import check_model_paths
 
+from .dedupe import dedupe_across_shards, duplicate_owners_unchanged
 from .encoders import VaeEncoder, model_identity
 from .families import load_text_encoder
 from .images import SkipSample
+from .model_source import pinned_config, resolve_model_sources
 from .prepare import Prepared, Preparer, method_code
 from .report import ShardStats, print_summary, write_summary
 from .source_checks import SkipCounter
@@ -75,20 +83,23 @@ class CacheJob:
             torch.backends.mkldnn.enabled = False
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
+        # Hub revisions resolve to commits once, first: every encoder loads the commit the fingerprint records.
+        self.sources = resolve_model_sources(config)
+        pinned = pinned_config(config, self.sources)
         try:
-            self.vae = VaeEncoder(config, self.device)
+            self.vae = VaeEncoder(pinned, self.device, self.sources)
         except OSError as exc:
             raise _load_error("model.vae" if config.model.vae else "model.pretrained",
                               config.model.vae or config.model.pretrained, "VAE", exc) from None
         try:
-            self.text = load_text_encoder(config, self.device)
+            self.text = load_text_encoder(pinned, self.device)
         except OSError as exc:
             raise _load_error("model.pretrained", config.model.pretrained, "text encoders", exc) from None
         self.resolutions = buckets_by_resolution(config.buckets.resolutions, config.buckets.step,
                                                  config.buckets.min_aspect, config.buckets.max_aspect)
         self.upscaler = Upscaler.from_config(config.upscale, self.device) if config.upscale.enabled else None
         self.spec = self._build_spec()
-        self.writer = CacheWriter(config.cache.path, self.spec, dict(config.cache.storage_options))
+        self.writer = CacheWriter(config.cache.path, self.spec, dict(config.cache.storage_options), overwrite=overwrite)
         self.preparer = Preparer(config, self.resolutions, self.upscaler)
         self.overwrite = overwrite
         self.failed_shards: list[str] = []
@@ -96,18 +107,12 @@ class CacheJob:
     def _build_spec(self) -> CacheSpec:
         cfg = self.config
         upscale = cfg.upscale.model_dump()
-        for key in ("model_path", "face_model_path"):  # the weights count, not where they are
-            path = upscale.pop(key)
-            upscale[key.replace("_path", "_sha256")] = sha256_file(path) if path and os.path.isfile(path) else None
-        inputs = {
-            "pipeline_version": PIPELINE_VERSION,
-            "family": cfg.model.family,
-            "model": model_identity(cfg),
-            "cache": {k: getattr(cfg.cache, k) for k in ("latent_mode", "store_dtype", "vae_dtype", "text_dtype", "clip_skip",
-                                                         "max_tokens", "flip", "max_pixels", "missing_caption", "deterministic")},
-            "buckets": cfg.buckets.model_dump(),
-            "upscale": upscale,
-        }
+        # The upscaler weights count by content, not by where they are.
+        weights = {k: sha256_file(upscale[k]) if upscale[k] and os.path.isfile(upscale[k]) else None
+                   for k in UPSCALE_WEIGHT_SETTINGS}
+        inputs = fingerprint_inputs(pipeline_version=PIPELINE_VERSION, family=cfg.model.family,
+                                    model=model_identity(cfg, self.sources), cache=cfg.cache.model_dump(),
+                                    buckets=cfg.buckets.model_dump(), upscale=upscale, upscale_weights=weights)
         fields = cached_fields(cfg.model.family, latent_channels=self.vae.latent_channels, latent_mode=cfg.cache.latent_mode,
                                store_dtype=cfg.cache.store_dtype, text_tokens=self.text.tokens,
                                text_dim=self.text.text_dim, pooled_dim=self.text.pooled_dim)
@@ -117,7 +122,7 @@ class CacheJob:
             latent_channels=self.vae.latent_channels, vae_downsample=self.vae.downsample,
             scaling_factor=self.vae.scaling_factor, shift_factor=self.vae.shift_factor,
             latent_mode=cfg.cache.latent_mode, store_dtype=cfg.cache.store_dtype, codec=cfg.cache.codec,
-            shard_rows=cfg.cache.shard_rows, fingerprint_inputs=inputs,
+            shard_rows=cfg.cache.shard_rows, fingerprint_inputs=inputs, model_location=self.sources.location(),
         )
 
     # ---- prompts --------------------------------------------------------------------------------
@@ -149,9 +154,9 @@ class CacheJob:
         skips = SkipCounter(max_examples=1000)
         stats = ShardStats()
         reader = iter_shard(ref, source, skips, cfg.cache.missing_caption)
-        group = self.writer.group(ref.group_id, {"url": ref.display_url, "kind": ref.kind,
-                                                 "source_index": ref.source_index, "repeats": ref.repeats},
-                                  self.source_hash(ref, source))
+        group = self.writer.group(ref.group_id, {"url": ref.display_url, "kind": ref.kind},
+                                  self.source_hash(ref, source),
+                                  origin=SourceOrigin.of(ref.source_index, source.type, source.path))
         pending: dict[tuple[int, int], list[Prepared]] = {}
 
         def timed_prepare(raw: Any) -> tuple[list[Prepared] | SkipSample, float]:
@@ -240,8 +245,10 @@ class CacheJob:
         while (index := claim()) < len(shards):
             ref = shards[index]
             source = sources[ref.source_index]
+            # Done only if it also records this source as now written: the trainer finds sources by path.
             if (self.writer.is_done(ref.group_id, current[ref.group_id], committed)
-                    and _duplicate_owners_unchanged(committed[ref.group_id], current)):
+                    and committed[ref.group_id].origin == SourceOrigin.of(ref.source_index, source.type, source.path)
+                    and duplicate_owners_unchanged(committed[ref.group_id], current)):
                 bar.update(1)
                 continue
             manifest = self.cache_shard(ref, source)
@@ -255,58 +262,6 @@ class CacheJob:
         bar.close()
         return done
 
-    # ---- duplicate keys across shards -----------------------------------------------------------
-    def dedupe_across_shards(self) -> list[str]:
-        """A sample key lives in at most one group per source. Run by rank 0 once every rank is done.
-
-        Rule: the group with the smallest id (ids sort like the shard names: s0-00000 < s0-00001) keeps
-        every row of the key; a later group that also has it is rewritten without those rows (copied, not
-        re-encoded) and counts the sample as `duplicate_key`. The result depends only on the set of
-        committed groups, never on which rank cached which shard first, so one process and many give the
-        same cache. The rewritten group records the groups it deferred to (`stats.duplicate_of`, with their
-        input hashes): if one of them changes or disappears, the next run re-caches this group in full.
-        Returns the ids of the groups rewritten."""
-        reader = CacheReader(self.writer.storage.url, dict(self.config.cache.storage_options))
-        try:
-            keys: dict[str, set[str]] = {}
-            for bucket, n in sorted(reader.bucket_counts().items()):
-                rows = np.arange(n)
-                found = reader.read_rows(bucket, rows, fields=["key"])["key"]
-                for gid, key in zip(reader.group_ids(bucket, rows), found, strict=True):
-                    keys.setdefault(gid, set()).add(key)
-            manifests = {m.group_id: m for m in reader.groups}
-        finally:
-            reader.close()
-        owner: dict[tuple[Any, str], str] = {}
-        rewritten = []
-        for gid in sorted(keys):
-            manifest = manifests[gid]
-            source = manifest.source.get("source_index")
-            lost = {k: owner[(source, k)] for k in keys[gid] if owner.get((source, k), gid) != gid}
-            for k in keys[gid]:
-                owner.setdefault((source, k), gid)
-            if lost:
-                self._drop_duplicates(manifest, lost, manifests)
-                rewritten.append(gid)
-        return rewritten
-
-    def _drop_duplicates(self, manifest: GroupManifest, lost: dict[str, str], manifests: dict[str, GroupManifest]) -> None:
-        samples = sorted({k.removesuffix("#flip") for k in lost})
-        skipped = {reason: dict(entry) for reason, entry in manifest.skipped.items()}
-        entry = skipped.get("duplicate_key", {"count": 0, "examples": []})
-        examples = list(entry.get("examples", []))
-        for key in samples[: max(0, 1000 - len(examples))]:
-            examples.append(f"{manifest.group_id}/{key}: also in {lost.get(key, lost.get(key + '#flip'))}, "
-                            "which keeps it (smaller group id)")
-        skipped["duplicate_key"] = {"count": int(entry.get("count", 0)) + len(samples), "examples": examples}
-        stats = dict(manifest.stats)
-        deps = dict(stats.get("duplicate_of") or {})
-        deps.update({gid: manifests[gid].source_hash for gid in lost.values()})
-        stats["duplicate_of"] = dict(sorted(deps.items()))
-        log.info("group %s: %d samples whose keys are also in earlier groups dropped (duplicate_key)",
-                 manifest.group_id, len(samples))
-        self.writer.rewrite_group(manifest, set(lost), dict(sorted(skipped.items())), stats)
-
 
 def list_input_shards(config: Config) -> list[ShardRef]:
     """Every input shard, in the order ranks claim them (largest first). A source that cannot be listed
@@ -316,13 +271,6 @@ def list_input_shards(config: Config) -> list[ShardRef]:
     except ValueError as exc:
         raise ConfigError(f"config error: {exc}") from None
     return sorted(refs, key=lambda r: (-int(r.identity.get("size") or 0), r.group_id))
-
-
-def _duplicate_owners_unchanged(manifest: GroupManifest, current: dict[str, str]) -> bool:
-    """A group rewritten without its duplicate keys stays done only while the groups that kept those
-    keys are still listed with the same input."""
-    deps = manifest.stats.get("duplicate_of") or {}
-    return all(current.get(gid) == source_hash for gid, source_hash in deps.items())
 
 
 def _load_error(key: str, value: str, what: str, exc: BaseException) -> ConfigError:
@@ -396,7 +344,7 @@ def _run_cache(config: Config, overwrite: bool) -> int:
     barrier()
     if rank != 0:
         return 0
-    job.dedupe_across_shards()
+    dedupe_across_shards(job.writer, config.cache.storage_options)
     removed = job.writer.remove_litter(before=started)
     if removed:
         log.info("removed %d leftovers of interrupted writes from earlier runs", removed)

@@ -4,13 +4,16 @@ Why not zarr-python here: its per-array cost (a few ms to create an array and to
 docs/benchmarks.md) was most of the cache job's write time on shards of a few images, where a group has
 a dozen arrays per bucket. The bytes are the standard format, so zarr-python still reads them (the
 conformance suite checks, and that they equal zarr-python's own bytes): each array's `zarr.json` is made
-by zarr-python itself (a template per field shape, see `shared/cache_writer.py`), and only the chunk
+by zarr-python itself (a template per field shape, see `cache_writer.py`), and only the chunk
 encoding is done here:
 
 - `RowShardWriter` (big fields): one chunk per row inside shard files of `shard_rows` rows; a shard file
   is the encoded rows followed by the sharding index, (offset, nbytes) per row as little-endian uint64,
   then the index's crc32c, exactly what the sharding codec with `index_location: end` specifies.
 - `ChunkWriter` (small fields): plain chunks of `shard_rows` rows, the last one padded with the fill value.
+
+Every array has a Zarr v3 core data type (keys are zero-padded UTF-8 bytes, `cache_format.encode_keys`),
+so the only array-to-bytes codec is `bytes`.
 """
 
 from __future__ import annotations
@@ -46,14 +49,11 @@ def _compressor(codec: dict[str, Any] | None) -> Callable[[bytes | np.ndarray], 
 
 
 def _encoder(codecs: list[dict[str, Any]]) -> Callable[[np.ndarray], bytes]:
-    """A codec chain (bytes or vlen-utf8, then optionally blosc or zstd) as one function of an array."""
+    """A codec chain (bytes, then optionally blosc or zstd) as one function of an array."""
     names = [c["name"] for c in codecs]
-    if names[0] not in ("bytes", "vlen-utf8") or len(names) > 2:
+    if names[0] != "bytes" or len(names) > 2:
         raise ValueError(f"unsupported codec chain {names}")
     compress = _compressor(codecs[1] if len(codecs) == 2 else None)
-    if names[0] == "vlen-utf8":
-        vlen = numcodecs.VLenUTF8()
-        return lambda chunk: compress(bytes(vlen.encode(chunk)))
     return lambda chunk: compress(chunk.tobytes())
 
 
@@ -65,7 +65,7 @@ class _ArrayWriter:
         self.meta = json.loads(template)
         self.chunk_rows = int(self.meta["chunk_grid"]["configuration"]["chunk_shape"][0])
         self.row_shape = tuple(int(x) for x in self.meta["shape"][1:])
-        self.dtype = np.dtype(object) if self.meta["data_type"] == "string" else np.dtype(self.meta["data_type"]).newbyteorder("<")
+        self.dtype = np.dtype(self.meta["data_type"]).newbyteorder("<")
         self.rows = 0
         self._write_metadata()
 

@@ -1,6 +1,7 @@
-"""Small pure helpers behind `sources.py`: skip counting, metadata filters, and what may be shown.
+"""Small pure helpers behind `shard_listing.py` and `sources.py`: skip counting, metadata filters, and
+what may be shown.
 
-Kept apart so `sources.py` reads as listing + streaming; everything here is side-effect free and
+Kept apart so those read as listing and streaming; everything here is side-effect free and
 needs no storage.
 """
 
@@ -30,6 +31,8 @@ SKIP_REASONS: dict[str, str] = {
     "filtered": "a metadata filter rejected the sample",
     "filtered_missing_field": "a filter's field is absent (or null) in the metadata",
     "duplicate_key": "key (or key+extension) already seen in this shard; the first is kept",
+    "key_too_long": "the sample key is over 240 bytes of UTF-8 (cache_format.MAX_SOURCE_KEY_BYTES)",
+    "key_not_utf8": "the sample key (a tar member name) is not valid UTF-8, or holds a NUL",
     "unreadable_file": "folder sources: one file could not be read; that sample is skipped",
     "truncated_tar": "tar ends early or is corrupt mid-way; samples before it are kept",
     "not_a_tar": "the shard is not a tar (or compressed tar) at all; whole shard skipped",

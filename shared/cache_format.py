@@ -1,30 +1,18 @@
 """The cache format: the single contract between the cache job (writer) and the trainer (reader).
 
-Layout of a cache at CACHE (a local folder or an fsspec URL)::
+Everything both sides must agree on is built AND parsed here: layout, field specs and dtypes, the key
+encoding, group ids, the manifests (with the configured source of each group), the model-identity names
+and what the fingerprint covers. docs/cache-format.md describes the format; a cache at CACHE::
 
-    CACHE/cache.json                    CacheSpec: version, family, fingerprint, fields, buckets, codec
-    CACHE/prompts/                      Zarr v3 group: empty-prompt and validation-prompt embeddings
-    CACHE/prompts/commit.json           written last: the prompts are complete
-    CACHE/shards/<group_id>/            Zarr v3 group, one per INPUT shard (tar or virtual folder shard)
-        zarr.json                       group attrs: source identity, source hash, fingerprint
-        <H>x<W>/                        one sub-group per aspect bucket (pixel height x width)
-            latent_mean, [latent_std], prompt_embeds, [pooled_prompt_embeds], [prompt_mask],
-            original_size, crop_top_left, target_size, content_hash, key, [extra fields]
-        commit.json                     GroupManifest, written LAST: the group is complete
-    CACHE/shards/.tmp/                  groups being written on local disks (renamed into place)
+    CACHE/cache.json                 CacheSpec: version, family, fingerprint, fields, buckets, codec
+    CACHE/prompts/[commit.json]      Zarr v3 group: empty-prompt and validation-prompt embeddings
+    CACHE/shards/<group_id>/         Zarr v3 group, one per INPUT shard, id `s<source index>-<shard name>`
+        <H>x<W>/<field>              one sub-group per aspect bucket, one array per field; row i = sample i
+        commit.json                  GroupManifest, written LAST: only then is the group visible
+    CACHE/shards/.tmp/               groups being written on local disks (renamed into place)
 
-Conventions:
-- Sizes are int32 pairs in (height, width) order; `crop_top_left` is (top, left) in pixels of the
-  resized image, `original_size` is the image size BEFORE any upscaling, `target_size` the bucket.
-- Row i of every array in a bucket group is the same sample.
-- Tensors are bfloat16 or float16 on disk, never float32. Zarr has no bfloat16 dtype, so bfloat16 is
-  stored as its raw uint16 bits; `FieldSpec.dtype` holds the logical dtype and readers view the bits back.
-- Big per-sample tensors use one Zarr chunk per row inside Zarr shard files of `shard_rows` rows (a few
-  files per bucket, not one per sample; single rows are addressable without decoding neighbours). Small
-  per-sample fields use one chunk per shard file and are read whole.
-- Visibility: a group exists for readers only when `commit.json` is present. On local disks the group is
-  also written under `shards/.tmp/` and renamed into place, so a crash never leaves a half group at its
-  final name; on object stores (no atomic rename) the marker written last is the commit.
+Every array has a Zarr v3 core data type, so any Zarr v3 implementation reads every array: bfloat16 is
+stored as its uint16 bits, text (the key) as zero-padded UTF-8 bytes; `FieldSpec.dtype` is the logical one.
 """
 
 from __future__ import annotations
@@ -32,43 +20,50 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 1
+from .secrets import redact_url
+
+FORMAT_VERSION = 2  # 2: keys are zero-padded UTF-8 bytes (uint8), manifests record their source
 CACHE_JSON = "cache.json"
 COMMIT_JSON = "commit.json"
 SHARDS_DIR = "shards"
 PROMPTS_DIR = "prompts"
 TMP_DIR = ".tmp"
+RECACHE = "re-cache: `latentforge cache --config CONFIG --overwrite` (or `make cache ARGS=--overwrite`)"
 # Per-row chunking pays off once a row is big enough that decoding a whole block to get one row hurts.
 ROW_CHUNK_MIN_BYTES = 4096
+# Bytes per stored key (256 holds any ustar name); a source key leaves room for the job's "#flip" suffix.
+KEY_BYTES = 256
+MAX_SOURCE_KEY_BYTES = KEY_BYTES - 16
 
-LOGICAL_DTYPES = ("bfloat16", "float16", "float32", "int32", "int64", "uint8", "int8", "bool", "str")
-# What each logical dtype is stored as in Zarr (bfloat16 has no Zarr dtype: keep its bits).
-STORAGE_DTYPES = {
-    "bfloat16": "uint16",
-    "float16": "float16",
-    "float32": "float32",
-    "int32": "int32",
-    "int64": "int64",
-    "uint8": "uint8",
-    "int8": "int8",
-    "bool": "bool",
-    "str": "str",
-}
+LOGICAL_DTYPES = ("bfloat16", "float16", "float32", "int32", "int64", "uint8", "int8", "bool", "utf8")
+# Stored as: always a Zarr v3 core data type (bfloat16 keeps its bits, utf8 its zero-padded bytes).
+STORAGE_DTYPES = {**{d: d for d in LOGICAL_DTYPES}, "bfloat16": "uint16", "utf8": "uint8"}
 CODECS = ("blosc-lz4", "blosc-zstd", "zstd", "none")
 # Which path each sample took to reach its bucket size (recorded per sample, counted in the summary).
 UPSCALE_METHODS = {"none": 0, "lanczos": 1, "realesrgan": 2, "realesrgan+gfpgan": 3}
 _GROUP_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_SOURCE_GROUP_RE = re.compile(r"^s(\d+)-(.+)$")
 _BUCKET_RE = re.compile(r"^(\d+)x(\d+)$")
+
+# Names in `fingerprint_inputs[FP_MODEL]`: per encoder part, the sha256 of each file of a local folder or the hub id.
+FP_MODEL = "model"
+MODEL_TEXT, MODEL_VAE = "text", "vae"
+MODEL_FILES, MODEL_HUB_ID, MODEL_REVISION, MODEL_VARIANT, MODEL_COMMIT = "files", "hub_id", "revision", "variant", "commit"
+LOCATION_PRETRAINED, LOCATION_VAE, LOCATION_PATH = "pretrained", "vae", "path"  # `CacheSpec.model_location` names
+# `cache.*` settings that change what is cached; `upscale.*` weight paths, counted by content, not path.
+FINGERPRINT_CACHE_SETTINGS = ("latent_mode", "store_dtype", "vae_dtype", "text_dtype", "clip_skip", "max_tokens",
+                              "flip", "max_pixels", "missing_caption", "deterministic")
+UPSCALE_WEIGHT_SETTINGS = ("model_path", "face_model_path")
 
 
 class CacheFormatError(RuntimeError):
-    """The cache on disk does not follow this contract (missing, corrupt, or a newer version)."""
+    """The cache on disk does not follow this contract (missing, corrupt, or another version)."""
 
 
 class CacheMismatchError(CacheFormatError):
@@ -77,11 +72,8 @@ class CacheMismatchError(CacheFormatError):
 
 @dataclass(frozen=True)
 class FieldSpec:
-    """One cached per-sample field.
-
-    `shape` is the per-sample shape; the strings "h" and "w" stand for the latent height and width of
-    the bucket (pixel size divided by the VAE's downsampling factor).
-    """
+    """One cached per-sample field. `shape` is the per-sample shape, "h"/"w" standing for the latent height
+    and width of the bucket (pixels / VAE downsampling); a `utf8` field has shape (bytes,)."""
 
     name: str
     shape: tuple[int | str, ...]
@@ -93,30 +85,35 @@ class FieldSpec:
             raise ValueError(f"field {self.name}: dtype {self.dtype!r} is not one of {LOGICAL_DTYPES}")
         if self.dtype == "float32" and len(self.shape) > 1:
             raise ValueError(f"field {self.name}: tensors are stored as bfloat16/float16, never float32")
+        if self.dtype == "utf8" and (len(self.shape) != 1 or not isinstance(self.shape[0], int)):
+            raise ValueError(f"field {self.name}: a utf8 field has shape (bytes,), not {self.shape}")
 
     def row_shape(self, bucket: tuple[int, int], downsample: int) -> tuple[int, ...]:
         """Concrete per-sample shape for a bucket (height, width in pixels)."""
         h, w = bucket
-        out = []
-        for dim in self.shape:
-            if dim == "h":
-                out.append(h // downsample)
-            elif dim == "w":
-                out.append(w // downsample)
-            else:
-                out.append(int(dim))
-        return tuple(out)
+        return tuple(h // downsample if d == "h" else w // downsample if d == "w" else int(d) for d in self.shape)
 
     @property
     def storage_dtype(self) -> str:
+        """The Zarr v3 data type the field is stored as."""
         return STORAGE_DTYPES[self.dtype]
+
+    @property
+    def is_text(self) -> bool:
+        """Rows are strings (stored with `encode_keys`, read back with `decode_keys`), not tensors."""
+        return self.dtype == "utf8"
 
     def per_row(self, bucket: tuple[int, int], downsample: int) -> bool:
         """Whether rows are individual chunks (big tensors) rather than read whole (small metadata)."""
-        if self.dtype == "str":
+        if self.is_text:
             return False
         nbytes = int(np.prod(self.row_shape(bucket, downsample))) * np.dtype(self.storage_dtype).itemsize
         return nbytes >= ROW_CHUNK_MIN_BYTES
+
+
+def key_field() -> FieldSpec:
+    """The sample key: webdataset `__key__` or the path relative to the folder, plus "#flip" for mirrors."""
+    return FieldSpec("key", (KEY_BYTES,), "utf8", f"sample key, UTF-8 zero-padded to {KEY_BYTES} bytes")
 
 
 def common_fields() -> list[FieldSpec]:
@@ -128,10 +125,103 @@ def common_fields() -> list[FieldSpec]:
         FieldSpec("content_hash", (16,), "uint8", "blake2b-128 of the encoded image bytes"),
         FieldSpec("upscale_method", (), "uint8", "how the image reached its bucket: " + ", ".join(
             f"{code}={name}" for name, code in UPSCALE_METHODS.items())),
-        FieldSpec("key", (), "str", "sample key (webdataset __key__ or path relative to the folder)"),
+        key_field(),
     ]
 
 
+# ---- keys ---------------------------------------------------------------------------------------------
+def key_problem(key: str) -> tuple[str, str] | None:
+    """(skip reason, detail) when a source key cannot be cached, else None: the job skips such a sample."""
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:  # a tar name that was not UTF-8 arrives with surrogate escapes
+        return "key_not_utf8", "the key is not valid UTF-8"
+    if "\0" in key:  # the padding byte
+        return "key_not_utf8", "the key holds a NUL character"
+    if size > MAX_SOURCE_KEY_BYTES:
+        return "key_too_long", f"key is {size} bytes of UTF-8, at most {MAX_SOURCE_KEY_BYTES} are cached"
+    return None
+
+
+def encode_keys(keys: Sequence[str], width: int = KEY_BYTES) -> np.ndarray:
+    """Keys -> (N, width) uint8 rows: each key's UTF-8 bytes, zero-padded. ValueError for a key that does
+    not fit or holds a NUL (the padding byte), rather than storing a key that reads back different."""
+    encoded = [k.encode("utf-8") for k in keys]
+    for key, raw in zip(keys, encoded, strict=True):
+        if len(raw) > width or b"\0" in raw:
+            raise ValueError(f"sample key {key[:60]!r}: {len(raw)} bytes of UTF-8; a cached key is at most "
+                             f"{width} bytes without NUL")
+    return np.array(encoded, dtype=f"S{width}").view(np.uint8).reshape(len(encoded), width)
+
+
+def decode_keys(rows: np.ndarray) -> list[str]:
+    """(N, width) uint8 rows -> keys (the padding stripped). ValueError unless each row is UTF-8 bytes
+    followed only by zero bytes."""
+    arr = np.ascontiguousarray(rows, dtype=np.uint8)
+    if arr.ndim != 2 or arr.shape[1] == 0:
+        raise ValueError(f"key rows must be (N, bytes) uint8, got shape {arr.shape}")
+    raw = arr.view(f"S{arr.shape[1]}")[:, 0]  # numpy drops the trailing zero bytes
+    if any(b"\0" in b for b in raw):
+        raise ValueError("a key row has bytes after its zero padding")
+    return [b.decode("utf-8") for b in raw]
+
+
+# ---- group ids and where a group came from ---------------------------------------------------------------
+def check_group_id(group_id: str) -> str:
+    """Group ids become folder names on every store, so keep them to a portable alphabet."""
+    if not _GROUP_ID_RE.match(group_id):
+        raise ValueError(f"group id {group_id!r} must match {_GROUP_ID_RE.pattern}")
+    return group_id
+
+
+def group_id(source_index: int, name: str) -> str:
+    """The id of the group of input shard `name` (a tar's relative name, or `virtual_shard_name(n)`) of
+    `data.sources[source_index]`: `s<index>-<name>`. Ids sort by source, then shard name."""
+    return check_group_id(f"s{int(source_index)}-{name}")
+
+
+def virtual_shard_name(n: int) -> str:
+    """Name of the n-th virtual shard of a folder source (its images in sorted order, `shard_size` each)."""
+    return f"v{n:06d}"
+
+
+def parse_group_id(gid: str) -> tuple[int, str]:
+    """`s<index>-<name>` -> (index, name), the index as cached: a group's source is its `origin` (`find_source`)."""
+    m = _SOURCE_GROUP_RE.match(gid)
+    if not m:
+        raise ValueError(f"group id {gid!r} is not s<source index>-<shard name>")
+    return int(m.group(1)), m.group(2)
+
+
+@dataclass(frozen=True)
+class SourceOrigin:
+    """The configured source (`data.sources[index]`) a group's shard was listed from. `type` and `path` (as
+    written in the config, credentials redacted) identify it when a config lists its sources in another order."""
+
+    index: int
+    type: str
+    path: str
+
+    @classmethod
+    def of(cls, index: int, type: str, path: str) -> SourceOrigin:
+        """The origin of a source as configured (its path is stored redacted)."""
+        return cls(int(index), type, redact_url(path))
+
+
+def find_source(gid: str, origin: SourceOrigin | None, configured: Sequence[tuple[str, str]]) -> int | None:
+    """Index into `configured` ((type, path) of each `data.sources` entry) of the source group `gid` came
+    from, by type and path, not position; None if it records no origin (a tool wrote it). A source that is
+    gone is a one-line `CacheMismatchError`: its rows with another source's `repeats` would be wrong."""
+    if origin is None:
+        return None
+    hits = [i for i, (kind, path) in enumerate(configured) if kind == origin.type and redact_url(path) == origin.path]
+    if not hits:
+        raise CacheMismatchError(f"cache group {gid} came from source {origin.path!r} ({origin.type}), which is "
+                                 "not in data.sources: add it back, or re-cache without it into a new cache.path")
+    return origin.index if origin.index in hits else hits[0]  # the same source listed twice: keep its slot
+
+
+# ---- cache.json and commit.json ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CacheSpec:
     """What `cache.json` holds: everything a reader needs before opening any group."""
@@ -149,6 +239,7 @@ class CacheSpec:
     codec: str = "blosc-lz4"
     shard_rows: int = 256
     fingerprint_inputs: Mapping[str, Any] = field(default_factory=dict)
+    model_location: Mapping[str, Any] = field(default_factory=dict)  # a hint, not fingerprinted (model_check.py)
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -177,24 +268,34 @@ class CacheSpec:
 
     @classmethod
     def from_json(cls, text: str, where: str = CACHE_JSON) -> CacheSpec:
+        """Parse `cache.json`; a corrupt file or another format version is one `CacheFormatError` line."""
+        version = format_version_of(text)
+        if version is None:
+            raise CacheFormatError(f"{where}: not valid JSON with a format_version; the cache is corrupt, {RECACHE}")
+        if version > FORMAT_VERSION:
+            raise CacheFormatError(f"{where}: cache format version {version} is newer than this latentforge reads "
+                                   f"(version {FORMAT_VERSION}); upgrade latentforge or re-cache with this version")
+        if version < FORMAT_VERSION:
+            raise CacheFormatError(f"{where}: cache format version {version} is older than this latentforge reads "
+                                   f"(version {FORMAT_VERSION}); {RECACHE}")
+        doc = json.loads(text)
         try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CacheFormatError(f"{where}: not valid JSON ({exc.msg}); the cache is corrupt, re-run the cache job") from None
-        version = doc.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise CacheFormatError(
-                f"{where}: cache format version {version} is newer than this latentforge reads "
-                f"(version {FORMAT_VERSION}); upgrade latentforge or re-cache with this version"
-            )
-        try:
-            doc["fields"] = tuple(
-                FieldSpec(f["name"], tuple(f["shape"]), f["dtype"], f.get("description", "")) for f in doc["fields"]
-            )
+            doc["fields"] = tuple(FieldSpec(f["name"], tuple(f["shape"]), f["dtype"], f.get("description", ""))
+                                  for f in doc["fields"])
             doc["buckets"] = tuple(parse_bucket_name(b) for b in doc["buckets"])
             return cls(**doc)
         except (KeyError, TypeError, ValueError) as exc:
             raise CacheFormatError(f"{where}: does not match format version {version} ({exc})") from None
+
+
+def format_version_of(text: str) -> int | None:
+    """`format_version` of a cache.json/commit.json text, None if unreadable (an older file may not parse)."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    version = doc.get("format_version") if isinstance(doc, dict) else None
+    return version if isinstance(version, int) else None
 
 
 @dataclass(frozen=True)
@@ -203,13 +304,14 @@ class GroupManifest:
 
     group_id: str
     fingerprint: str
-    source: Mapping[str, Any]  # identity of the input shard: url/path, size, mtime or etag
+    source: Mapping[str, Any]  # identity of the input shard: url/path, kind
     source_hash: str  # content hash of the input shard, so a changed input is re-cached
     bucket_counts: Mapping[str, int]
     files: Mapping[str, int]  # relative path -> size in bytes, to detect deletion/truncation
     checksums: Mapping[str, int] = field(default_factory=dict)  # relative path -> crc32 (local disks)
     skipped: Mapping[str, Any] = field(default_factory=dict)  # reason -> {"count": n, "examples": [key: detail]}
     stats: Mapping[str, Any] = field(default_factory=dict)  # upscale counts, seconds per phase, input content hash
+    origin: SourceOrigin | None = None  # the configured source; None when written by a tool, not the cache job
     format_version: int = FORMAT_VERSION
 
     @property
@@ -221,49 +323,78 @@ class GroupManifest:
 
     @classmethod
     def from_json(cls, text: str, where: str) -> GroupManifest:
+        """Parse `commit.json`: an older version parses (readers ignore it, the job re-caches it), a newer fails."""
+        version = format_version_of(text)
+        if version is not None and version > FORMAT_VERSION:
+            raise CacheFormatError(f"{where}: group format version {version} is newer than {FORMAT_VERSION}; "
+                                   "upgrade latentforge")
         try:
             doc = json.loads(text)
-            if doc.get("format_version", 0) > FORMAT_VERSION:
-                raise CacheFormatError(
-                    f"{where}: group format version {doc['format_version']} is newer than {FORMAT_VERSION}; "
-                    "upgrade latentforge"
-                )
+            if doc.get("origin") is not None:
+                doc["origin"] = SourceOrigin(**doc["origin"])
             return cls(**doc)
-        except (json.JSONDecodeError, TypeError) as exc:
+        except (json.JSONDecodeError, TypeError, AttributeError) as exc:
             raise CacheFormatError(f"{where}: corrupt commit marker ({exc}); delete the group and re-run the cache job") from None
 
 
 def bucket_name(bucket: tuple[int, int]) -> str:
-    """`(height, width)` -> `"HxW"`, the sub-group name of a bucket."""
+    """`(height, width)` -> `"HxW"`, the sub-group name of a bucket (and the trainer's JSON key for it)."""
     return f"{int(bucket[0])}x{int(bucket[1])}"
 
 
 def parse_bucket_name(name: str) -> tuple[int, int]:
+    """`"HxW"` -> `(height, width)`; ValueError for anything else."""
     m = _BUCKET_RE.match(name)
     if not m:
         raise ValueError(f"bucket name {name!r} is not HEIGHTxWIDTH")
     return int(m.group(1)), int(m.group(2))
 
 
-def check_group_id(group_id: str) -> str:
-    """Group ids become folder names on every store, so keep them to a portable alphabet."""
-    if not _GROUP_ID_RE.match(group_id):
-        raise ValueError(f"group id {group_id!r} must match {_GROUP_ID_RE.pattern}")
-    return group_id
+# ---- model identity and fingerprint --------------------------------------------------------------------
+def hub_model_part(hub_id: str, revision: str, variant: str | None, commit: str | None = None) -> dict[str, Any]:
+    """Identity of a hub encoder part: id, configured revision, the commit it resolved to, weight variant."""
+    return {MODEL_HUB_ID: hub_id, MODEL_REVISION: revision, MODEL_COMMIT: commit, MODEL_VARIANT: variant}
+
+
+def files_model_part(files: Mapping[str, str]) -> dict[str, Any]:
+    """Identity of an encoder part in a local folder: relative file name -> sha256."""
+    return {MODEL_FILES: dict(files)}
+
+
+def model_identity_doc(text: Mapping[str, Any], vae: Mapping[str, Any]) -> dict[str, Any]:
+    """`fingerprint_inputs[FP_MODEL]` from the text-encoder and VAE parts."""
+    return {MODEL_TEXT: dict(text), MODEL_VAE: dict(vae)}
+
+
+def recorded_model_parts(spec: CacheSpec) -> dict[str, Mapping[str, Any]]:
+    """The encoder parts a cache records (`MODEL_TEXT`, `MODEL_VAE` -> part); missing or odd ones left out."""
+    ident = spec.fingerprint_inputs.get(FP_MODEL) if isinstance(spec.fingerprint_inputs, Mapping) else None
+    if not isinstance(ident, Mapping):
+        return {}
+    return {k: ident[k] for k in (MODEL_TEXT, MODEL_VAE) if isinstance(ident.get(k), Mapping)}
+
+
+def fingerprint_inputs(*, pipeline_version: int, family: str, model: Mapping[str, Any], cache: Mapping[str, Any],
+                       buckets: Mapping[str, Any], upscale: Mapping[str, Any],
+                       upscale_weights: Mapping[str, str | None]) -> dict[str, Any]:
+    """What changes what is cached, from plain values: `cache`, `buckets`, `upscale` are config sections as
+    dicts (only `FINGERPRINT_CACHE_SETTINGS` of `cache` count), `model` is `model_identity_doc(...)`,
+    `upscale_weights` the sha256 (or None) of the file each of `UPSCALE_WEIGHT_SETTINGS` names."""
+    up = {k: v for k, v in upscale.items() if k not in UPSCALE_WEIGHT_SETTINGS}
+    up.update({k.replace("_path", "_sha256"): upscale_weights.get(k) for k in UPSCALE_WEIGHT_SETTINGS})
+    return {"pipeline_version": pipeline_version, "family": family, FP_MODEL: dict(model),
+            "cache": {k: cache[k] for k in FINGERPRINT_CACHE_SETTINGS}, "buckets": dict(buckets), "upscale": up}
 
 
 def compute_fingerprint(inputs: Mapping[str, Any]) -> str:
-    """Stable hash of everything that changes what would be cached (model identity, dtypes, buckets,...).
-
-    Keys are sorted and values serialised canonically, so dict order never changes the fingerprint.
-    """
+    """Stable hash of `fingerprint_inputs`: keys sorted, values serialised canonically, so dict order never
+    changes the fingerprint."""
     canonical = json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
 def describe_mismatch(what: str, cache_side: Any, model_side: Any, cache_path: str) -> CacheMismatchError:
     """One line naming both sides, e.g. 'prompt_embeds width: cache has 2048, model expects 768'."""
-    return CacheMismatchError(
-        f"cache {cache_path} does not fit the model: {what}: cache has {cache_side}, model expects {model_side}; "
-        "re-run the cache job with this model or point cache.path at a matching cache"
-    )
+    return CacheMismatchError(f"cache {cache_path} does not fit the model: {what}: cache has {cache_side}, model "
+                              f"expects {model_side}; re-run the cache job with this model or point cache.path at a "
+                              "matching cache")

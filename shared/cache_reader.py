@@ -1,27 +1,19 @@
 """Reads caches in the format of `cache_format.py`: open, check against a model, fetch rows of a bucket.
 
-Why not plain zarr-python indexing: measured here, zarr-python spends ~8 ms of Python per single-row
-read of a sharded array (129 samples/s, ten times slower than one `.npz` per sample). The format is
-chosen so a row is one byte range: the reader parses each Zarr shard file's index once (the standard
-sharding-codec index at the end of the file, crc32c-checked), then copies or decodes each row straight
-from a read-only mapping of the file (local disks) or a coalesced fsspec ranged read (object stores) into
-the batch. Small fields (sizes, hashes, keys) are read whole once per (group, bucket) through zarr-python
-and kept in memory. Reading the same cache
-with zarr-python gives the same values; the conformance tests check both paths agree.
+Big fields (latents, embeddings) are read row by row straight from their Zarr shard files
+(`row_reader.py`: zarr-python's per-row cost is ten times too slow for training). Small fields (sizes,
+hashes, keys) are read whole once per (group, bucket) through zarr-python and kept in memory; keys are
+decoded from their zero-padded UTF-8 bytes then. Reading the same cache with zarr-python (or any Zarr v3
+implementation) gives the same values; the conformance tests check that the paths agree.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import google_crc32c
-import numcodecs
 import numpy as np
 import torch
 import zarr
@@ -36,32 +28,15 @@ from .cache_format import (
     FieldSpec,
     GroupManifest,
     bucket_name,
+    decode_keys,
     describe_mismatch,
     parse_bucket_name,
 )
-from .file_hash import sha256_file
+from .model_check import check_model_files
+from .row_reader import RowFieldReader
 from .storage import Storage
 
-_EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)
-_MAX_COALESCE = 16 << 20
 _ALIGN = 64
-
-
-@dataclass
-class _RowArray:
-    """A per-row-chunked array of one (group, bucket, field): shard files plus their parsed indexes."""
-
-    rel: str  # path of the array folder, relative to the cache root
-    rows: int
-    shard_rows: int
-    row_shape: tuple[int, ...]
-    dtype: np.dtype
-    decoder: Any  # numcodecs codec or None
-    expected_sizes: Mapping[str, int]
-    indexes: dict[int, np.ndarray]
-
-    def shard_file(self, shard: int) -> str:
-        return f"{self.rel}/c/{shard}" + "/0" * len(self.row_shape)
 
 
 @dataclass(frozen=True)
@@ -70,19 +45,10 @@ class _FieldLayout:
 
     spec: FieldSpec
     row_shape: tuple[int, ...]
-    tensor: bool  # False for str fields (returned as lists)
+    tensor: bool  # False for text fields (returned as lists of str)
     per_row: bool  # big: one chunk per row; small: read whole
     row_nbytes: int
     torch_dtype: torch.dtype | None
-
-
-def _decoder_for(codecs: Sequence[Mapping[str, Any]]) -> Any:
-    names = [c["name"] for c in codecs]
-    if names == ["bytes"]:
-        return None
-    if names[:1] == ["bytes"] and len(names) == 2 and names[1] in ("blosc", "zstd"):
-        return numcodecs.Blosc() if names[1] == "blosc" else numcodecs.Zstd()
-    raise CacheFormatError(f"unsupported inner codec chain {names}")
 
 
 class CacheReader:
@@ -101,7 +67,8 @@ class CacheReader:
             if name.startswith(".") or not self.storage.exists(rel):
                 continue  # in progress or crashed: invisible by contract
             manifest = GroupManifest.from_json(self.storage.read_text(rel), self.storage.path(rel))
-            if manifest.fingerprint != self.spec.fingerprint:
+            if manifest.fingerprint != self.spec.fingerprint or manifest.format_version != self.spec.format_version:
+                # Made with other settings, or an older format left behind by a re-cache: not this cache.
                 self.stale_groups.append(name)
                 continue
             self.groups.append(manifest)
@@ -113,7 +80,7 @@ class CacheReader:
             ids = [g.group_id for g in self.groups if g.bucket_counts.get(name, 0) > 0]
             self._bucket_groups[name] = ids
             self._bucket_offsets[name] = np.cumsum([0] + [self._by_id[i].bucket_counts[name] for i in ids])
-        self._row_arrays: dict[tuple[str, str, str], _RowArray] = {}
+        self._rows = RowFieldReader(self.storage, self._by_id)
         # (bucket, field) -> (that field over all the bucket's rows, the group indexes loaded into it)
         self._small: dict[tuple[str, str], tuple[np.ndarray, set[int]]] = {}
         self._layouts: dict[tuple[tuple[int, int], tuple[str, ...] | None], list[_FieldLayout]] = {}
@@ -123,6 +90,10 @@ class CacheReader:
     @property
     def num_samples(self) -> int:
         return sum(g.num_samples for g in self.groups)
+
+    def manifest(self, group_id: str) -> GroupManifest:
+        """The commit manifest of a committed group: its source shard, origin, counts, skips and stats."""
+        return self._by_id[group_id]
 
     def bucket_counts(self) -> dict[tuple[int, int], int]:
         """Committed samples per bucket, (height, width) -> count."""
@@ -149,40 +120,8 @@ class CacheReader:
     def check_model_files(self, pretrained: str, vae: str | None = None) -> None:
         """Raise `CacheMismatchError` when the model a run trains with holds encoder weights other than
         those the cache was made with (same widths, other VAE or text encoder: `check_compatible` cannot
-        tell). Compares sha256 of the weight files (`*.safetensors`, `*.bin`) both sides have: the
-        cache's `fingerprint_inputs["model"]` against the folder's `vae/` (or `vae`), `text_encoder*/`.
-        What one side lacks (a training folder without text encoders, a hub id) is not compared, and
-        hub ids are compared by id only."""
-        ident = self.spec.fingerprint_inputs.get("model") if isinstance(self.spec.fingerprint_inputs, Mapping) else None
-        if not isinstance(ident, Mapping):
-            return
-        vae_side = ident.get("vae")
-        if isinstance(vae_side, Mapping):
-            source = vae or pretrained
-            # The cache names a pipeline's VAE files "vae/<file>" and a separate VAE's "<file>".
-            base = Path(source) if vae else Path(pretrained) / "vae"
-            self._compare_model_part("VAE", vae_side, source, base, strip="vae/")
-        text_side = ident.get("text")
-        if isinstance(text_side, Mapping):
-            self._compare_model_part("text encoder", text_side, pretrained, Path(pretrained), strip="")
-
-    def _compare_model_part(self, what: str, recorded: Mapping[str, Any], source: str, base: Path, strip: str) -> None:
-        if "hub_id" in recorded:
-            if not os.path.isdir(source) and recorded["hub_id"] != source:
-                raise describe_mismatch(f"{what} (hub id)", recorded["hub_id"], source, self.url)
-            return
-        files = recorded.get("files")
-        if not isinstance(files, Mapping) or not base.is_dir():
-            return
-        for name, digest in sorted(files.items()):
-            rel = name[len(strip):] if strip and name.startswith(strip) else name
-            local = base / rel
-            if not rel.endswith((".safetensors", ".bin")) or not local.is_file():
-                continue
-            have = sha256_file(local)
-            if have != digest:
-                raise describe_mismatch(f"{what} weights {name} (sha256)", str(digest)[:16],
-                                        f"{have[:16]} in {local}", self.url)
+        tell); see `model_check.check_model_files`."""
+        check_model_files(self.spec, self.url, pretrained, vae)
 
     # ---- reading rows -------------------------------------------------------------------------------
     def locate(self, bucket: tuple[int, int], rows: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -217,12 +156,12 @@ class CacheReader:
         offset = 0
         for f in layout:
             if not f.tensor:
-                out[f.spec.name] = [str(x) for x in self._read_small_field(name, f.spec, gidx, local)]
+                out[f.spec.name] = self._read_small_field(name, f.spec, gidx, local).tolist()
                 continue
             shape, nbytes = (n, *f.row_shape), f.row_nbytes * n
             arr = flat_np[offset: offset + nbytes].view(f.spec.storage_dtype).reshape(shape)
             if f.per_row:
-                self._read_row_field(name, f.spec, gidx, local, arr)
+                self._rows.read(self._bucket_groups[name], name, f.spec, gidx, local, arr)
             else:
                 arr[...] = self._read_small_field(name, f.spec, gidx, local)
             out[f.spec.name] = flat[offset: offset + nbytes].view(f.torch_dtype).view(shape)
@@ -237,11 +176,11 @@ class CacheReader:
             specs = [self.spec.field(f) for f in fields] if fields is not None else list(self.spec.fields)
             down = self.spec.vae_downsample
             layout = self._layouts[key] = [
-                _FieldLayout(spec=spec, row_shape=tuple(spec.row_shape(bucket, down)), tensor=spec.dtype != "str",
+                _FieldLayout(spec=spec, row_shape=tuple(spec.row_shape(bucket, down)), tensor=not spec.is_text,
                              per_row=spec.per_row(bucket, down),
-                             row_nbytes=0 if spec.dtype == "str" else
+                             row_nbytes=0 if spec.is_text else
                              int(np.prod(spec.row_shape(bucket, down), dtype=np.int64)) * np.dtype(spec.storage_dtype).itemsize,
-                             torch_dtype=None if spec.dtype == "str" else _torch_dtype(spec))
+                             torch_dtype=None if spec.is_text else _torch_dtype(spec))
                 for spec in specs
             ]
         return layout
@@ -253,16 +192,18 @@ class CacheReader:
         return [groups[g] for g in gidx]
 
     def keys(self, bucket: tuple[int, int], rows: Sequence[int]) -> list[str]:
+        """The sample keys of rows of a bucket."""
         return self.read_rows(bucket, rows, fields=["key"])["key"]
 
     def _read_small_field(self, name: str, spec: FieldSpec, gidx: np.ndarray, local: np.ndarray) -> np.ndarray:
         """Small fields are read whole, one group at a time as rows from it are first asked for, into one
-        array over the bucket's rows: a read is then a single fancy index."""
+        array over the bucket's rows: a read is then a single fancy index. Text fields are decoded as they
+        are loaded and kept as str objects (a key is a few bytes, its stored row `KEY_BYTES`)."""
         groups, offsets = self._bucket_groups[name], self._bucket_offsets[name]
         entry = self._small.get((name, spec.name))
         if entry is None:
-            dtype = object if spec.dtype == "str" else spec.storage_dtype
-            shape = spec.row_shape(parse_bucket_name(name), self.spec.vae_downsample)
+            dtype = object if spec.is_text else spec.storage_dtype
+            shape = () if spec.is_text else spec.row_shape(parse_bucket_name(name), self.spec.vae_downsample)
             entry = self._small[(name, spec.name)] = (np.empty((int(offsets[-1]), *shape), dtype=dtype), set())
         bucket_rows, loaded = entry
         for gi in set(gidx.tolist()) - loaded:
@@ -272,6 +213,8 @@ class CacheReader:
             self._check_files(groups[gi], name, spec.name, checksums=True)
             try:
                 whole = np.asarray(zarr.open_array(self.storage.zarr_store(rel, read_only=True), mode="r")[:])
+                if spec.is_text:
+                    whole = np.array(decode_keys(whole), dtype=object)
             except Exception as exc:
                 raise CacheFormatError(f"{self.storage.path(rel)}: unreadable ({type(exc).__name__}) in cache group "
                                        f"{groups[gi]}; delete {self.storage.path(f'{SHARDS_DIR}/{groups[gi]}')} and "
@@ -310,107 +253,6 @@ class CacheReader:
                                        "the cache job to re-cache that shard")
         self._checked.add(key)
 
-    def _row_array(self, group_id: str, name: str, spec: FieldSpec) -> _RowArray:
-        key = (group_id, name, spec.name)
-        ra = self._row_arrays.get(key)
-        if ra is None:
-            rel = f"{SHARDS_DIR}/{group_id}/{name}/{spec.name}"
-            try:
-                meta = json.loads(self.storage.read_text(f"{rel}/zarr.json"))
-            except FileNotFoundError:
-                raise CacheFormatError(f"{self.storage.path(rel)}/zarr.json is missing (cache group {group_id}): the cache "
-                                       f"changed after commit; delete {self.storage.path(f'{SHARDS_DIR}/{group_id}')} and "
-                                       "re-run the cache job") from None
-            (codec,) = meta["codecs"]
-            if codec["name"] != "sharding_indexed" or codec["configuration"]["index_location"] != "end":
-                raise CacheFormatError(f"{self.storage.path(rel)}: expected a sharded array with the index at the end")
-            cfg = codec["configuration"]
-            manifest = self._by_id[group_id]
-            prefix = f"{name}/{spec.name}/"
-            ra = _RowArray(
-                rel=rel,
-                rows=int(meta["shape"][0]),
-                shard_rows=int(meta["chunk_grid"]["configuration"]["chunk_shape"][0]),
-                row_shape=tuple(meta["shape"][1:]),
-                dtype=np.dtype(meta["data_type"]).newbyteorder("<"),
-                decoder=_decoder_for(cfg["codecs"]),
-                expected_sizes={k[len(prefix):]: v for k, v in manifest.files.items() if k.startswith(prefix)},
-                indexes={},
-            )
-            self._row_arrays[key] = ra
-        return ra
-
-    def _shard_index(self, ra: _RowArray, shard: int) -> np.ndarray:
-        index = ra.indexes.get(shard)
-        if index is None:
-            rel = ra.shard_file(shard)
-            inner = rel[len(ra.rel) + 1:]
-            try:
-                size: int | None = self.storage.file_size(rel) if inner in ra.expected_sizes else -1
-            except FileNotFoundError:
-                size = None
-            if size != ra.expected_sizes.get(inner, -2):
-                group_id = rel.split("/")[1]
-                what = "is missing" if size is None else f"size {size} does not match the committed size {ra.expected_sizes.get(inner)}"
-                raise CacheFormatError(
-                    f"{self.storage.path(rel)}: {what} (cache group {group_id}); the file was modified or deleted "
-                    f"after commit: delete {self.storage.path(f'{SHARDS_DIR}/{group_id}')} and re-run the cache job"
-                )
-            nbytes = ra.shard_rows * 16 + 4
-            raw = self.storage.read_range(rel, size - nbytes, nbytes)
-            if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-                raise CacheFormatError(f"{self.storage.path(rel)}: shard index checksum mismatch (cache group "
-                                       f"{rel.split('/')[1]}); the file is corrupt: delete "
-                                       f"{self.storage.path('/'.join(rel.split('/')[:2]))} and re-run the cache job")
-            index = np.frombuffer(raw[:-4], dtype="<u8").reshape(ra.shard_rows, 2)
-            ra.indexes[shard] = index
-        return index
-
-    def _read_row_field(self, name: str, spec: FieldSpec, gidx: np.ndarray, local: np.ndarray, out: np.ndarray) -> None:
-        groups = self._bucket_groups[name]
-        # (file, offset, nbytes, out position) for every row, then sorted so neighbours coalesce.
-        requests: list[tuple[str, int, int, int, _RowArray]] = []
-        for pos, (gi, lr) in enumerate(zip(gidx, local, strict=True)):
-            ra = self._row_array(groups[gi], name, spec)
-            shard, within = divmod(int(lr), ra.shard_rows)
-            offset, nbytes = self._shard_index(ra, shard)[within]
-            if offset == _EMPTY:
-                out[pos] = 0
-                continue
-            requests.append((ra.shard_file(shard), int(offset), int(nbytes), pos, ra))
-        if self.storage.is_local:
-            # Decode straight from the mapped file into the batch: no intermediate bytes object.
-            for file, offset, nbytes, pos, ra in requests:
-                self._decode_row(ra, file, self.storage.map_file(file)[offset: offset + nbytes], out[pos])
-            return
-        requests.sort(key=lambda r: (r[0], r[1]))
-        i = 0
-        while i < len(requests):
-            j = i + 1
-            while (j < len(requests) and requests[j][0] == requests[i][0]
-                   and requests[j][1] == requests[j - 1][1] + requests[j - 1][2]
-                   and requests[j][1] + requests[j][2] - requests[i][1] <= _MAX_COALESCE):
-                j += 1
-            start = requests[i][1]
-            blob = self.storage.read_range(requests[i][0], start, requests[j - 1][1] + requests[j - 1][2] - start)
-            for file, offset, nbytes, pos, ra in requests[i:j]:
-                self._decode_row(ra, file, memoryview(blob)[offset - start: offset - start + nbytes], out[pos])
-            i = j
-
-    def _decode_row(self, ra: _RowArray, file: str, chunk: Any, target: np.ndarray) -> None:
-        """Decode one stored row chunk into `target` (a row of the batch buffer)."""
-        try:
-            if ra.decoder is None:
-                target[...] = np.frombuffer(chunk, dtype=ra.dtype).reshape(target.shape)
-            elif isinstance(ra.decoder, numcodecs.Blosc):
-                ra.decoder.decode(chunk, out=target)
-            else:
-                target[...] = np.frombuffer(ra.decoder.decode(chunk), dtype=ra.dtype).reshape(target.shape)
-        except Exception as exc:  # a chunk that does not decode: corrupt bytes inside the file
-            raise CacheFormatError(f"{self.storage.path(file)}: a chunk does not decode ({type(exc).__name__}) "
-                                   f"(cache group {file.split('/')[1]}); the file is corrupt: delete "
-                                   f"{self.storage.path('/'.join(file.split('/')[:2]))} and re-run the cache job") from None
-
     # ---- prompts and integrity ------------------------------------------------------------------
     def prompts(self) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
         """(empty-prompt fields with a leading dim of 1, validation prompts, their fields)."""
@@ -446,8 +288,8 @@ class CacheReader:
 
 
 def _to_torch(spec: FieldSpec, arr: np.ndarray) -> Any:
-    if spec.dtype == "str":
-        return [str(x) for x in arr]
+    if spec.is_text:
+        return decode_keys(arr)
     t = torch.from_numpy(np.ascontiguousarray(arr))
     return t.view(torch.bfloat16) if spec.dtype == "bfloat16" else t
 

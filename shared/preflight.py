@@ -49,11 +49,14 @@ def model_source_problem(value: str, *, marker: str, revision: str | None = None
 
 
 def check_model_paths(config: Config) -> None:
-    """Raise `ConfigError` naming `model.pretrained` or `model.vae` when it cannot be loaded here."""
-    checks = [("model.pretrained", config.model.pretrained, "model_index.json")]
+    """Raise `ConfigError` naming `model.pretrained` or `model.vae` when it cannot be loaded here.
+
+    `model.revision` is a revision of the pipeline repo; a separate hub VAE is another repo, loaded at its
+    default branch (as the cache job loads it), so that is where it is looked up."""
+    checks = [("model.pretrained", config.model.pretrained, "model_index.json", config.model.revision)]
     if config.model.vae:
-        checks.append(("model.vae", config.model.vae, "config.json"))
-    for key, value, marker in checks:
-        problem = model_source_problem(value, marker=marker, revision=config.model.revision)
+        checks.append(("model.vae", config.model.vae, "config.json", None))
+    for key, value, marker, revision in checks:
+        problem = model_source_problem(value, marker=marker, revision=revision)
         if problem:
             raise ConfigError(f"config error: {key}: {problem}")

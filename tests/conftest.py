@@ -34,15 +34,28 @@ def demo_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def small_cache(tiny_sdxl, demo_data, tmp_path_factory) -> Path:
-    """The demo tars cached with the tiny model (posterior kept), shared by the trainer tests."""
+    """The demo tars cached with the tiny model (posterior kept), shared by the trainer tests.
+
+    Cached through demo.yaml's own webdataset source path (relative, `demo/data/...`), from a folder where
+    `demo/data` is the demo data: every group then records that source, so the trainer tests, which keep
+    demo.yaml's data.sources, find it (a group whose source is not configured is refused)."""
     from latentforge.preprocess.job import run_cache
     from latentforge.shared.config import load_config
 
-    cache = tmp_path_factory.mktemp("train-cache") / "cache"
-    sources = f"data.sources=[{{type: webdataset, path: '{demo_data}/webdataset/{{00000..00003}}.tar'}}]"
-    config = load_config(ROOT / "configs" / "demo.yaml", [f"model.pretrained={tiny_sdxl}", sources, f"cache.path={cache}",
-                                                         "cache.latent_mode=dist", "train.output_dir=unused"])
-    assert run_cache(config) == 0
+    demo = ROOT / "configs" / "demo.yaml"
+    tars = next(s.path for s in load_config(demo).data.sources if s.type == "webdataset")
+    work = tmp_path_factory.mktemp("train-cache")
+    (work / "demo").mkdir()
+    (work / "demo" / "data").symlink_to(demo_data, target_is_directory=True)
+    cache = work / "cache"
+    config = load_config(demo, [f"model.pretrained={tiny_sdxl}", f"data.sources=[{{type: webdataset, path: '{tars}'}}]",
+                                f"cache.path={cache}", "cache.latent_mode=dist", "train.output_dir=unused"])
+    cwd = os.getcwd()
+    os.chdir(work)  # the relative source path resolves here
+    try:
+        assert run_cache(config) == 0
+    finally:
+        os.chdir(cwd)
     return cache
 
 

@@ -79,6 +79,33 @@ def test_upscaled_samples_keep_their_pre_upscale_size(demo_cache):
     assert seen >= 4
 
 
+def test_groups_record_their_source_and_training_finds_it_in_any_order(tiny_sdxl, demo_data, tmp_path):
+    """The cache job writes each group's configured source into its manifest; the trainer takes `repeats`
+    from the source with that path, wherever the training config lists it, and names a source that is gone."""
+    from latentforge.shared.cache_format import CacheMismatchError, SourceOrigin
+    from latentforge.train.data import CachedSamples
+
+    a, b = (f"{demo_data}/webdataset/0000{i}.tar" for i in (0, 1))
+    cache = tmp_path / "cache"
+
+    def config(*sources: str):
+        return load_config(DEMO, [*overrides(tiny_sdxl, demo_data, cache), f"data.sources=[{', '.join(sources)}]",
+                                  "train.held_out_fraction=0"])
+
+    assert run_cache(config(f"{{type: webdataset, path: '{a}', repeats: 3}}", f"{{type: webdataset, path: '{b}'}}")) == 0
+    reader = CacheReader(str(cache))
+    assert {m.group_id: m.origin for m in reader.groups} == {"s0-00000": SourceOrigin(0, "webdataset", a),
+                                                            "s1-00001": SourceOrigin(1, "webdataset", b)}
+    per_group = {m.group_id: m.num_samples for m in reader.groups}
+    swapped = CachedSamples(reader, config(f"{{type: webdataset, path: '{b}'}}",
+                                           f"{{type: webdataset, path: '{a}', repeats: 3}}"))
+    assert swapped.num_train == 3 * per_group["s0-00000"] + per_group["s1-00001"]
+    with pytest.raises(CacheMismatchError) as err:
+        CachedSamples(reader, config(f"{{type: webdataset, path: '{b}'}}"))
+    assert str(err.value).startswith(f"cache group s0-00000 came from source '{a}' (webdataset), which is not in "
+                                     "data.sources") and "\n" not in str(err.value)
+
+
 def test_rerun_of_finished_cache_encodes_nothing(demo_cache, tiny_sdxl, demo_data, monkeypatch):
     before = {p: p.stat().st_mtime_ns for p in (demo_cache / "shards").rglob("*") if p.is_file()}
     from latentforge.preprocess import job

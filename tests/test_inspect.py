@@ -1,4 +1,5 @@
-"""`latentforge inspect`: the summary, the PNGs, and --verify catching NaN and truncated files by shard."""
+"""`latentforge inspect`: the summary, the PNGs, --verify catching NaN and truncated files by shard, and
+finding the VAE through the model location cache.json records (only while its weights still match)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ import zarr
 from PIL import Image
 
 from latentforge.app.cli import main
-from latentforge.app.inspect_cache import CELL
+from latentforge.app.inspect_draw import CELL
 from latentforge.shared.cache_format import bucket_name
 from latentforge.shared.cache_reader import CacheReader
 
 BF16_NAN = 0x7FC0
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -54,13 +56,74 @@ def test_summary_and_pictures(small_cache, tiny_sdxl, tmp_path, capsys):
     reader.close()
 
 
-def test_model_is_required_for_grids_only(small_cache, tmp_path, capsys):
-    assert main(["inspect", str(small_cache), "--out", str(tmp_path / "a")]) == 2
+def test_model_is_required_for_grids_only(cache_copy, tmp_path, capsys):
+    """A cache written before cache.json recorded the model's location names its local model by weight
+    hashes only: grids need --model, the rest does not."""
+    spec = json.loads((cache_copy / "cache.json").read_text())
+    assert spec.pop("model_location")["pretrained"]["path"]
+    (cache_copy / "cache.json").write_text(json.dumps(spec))
+    assert main(["inspect", str(cache_copy), "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--model" in err and "weight hashes" in err
     assert not (tmp_path / "a").exists()
-    assert main(["inspect", str(small_cache), "--out", str(tmp_path / "b"), "--per-bucket", "0"]) == 0
+    assert main(["inspect", str(cache_copy), "--out", str(tmp_path / "b"), "--per-bucket", "0"]) == 0
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["buckets.png"]
+
+
+@pytest.fixture
+def folder_cache(tiny_sdxl, demo_data, tmp_path) -> tuple[Path, Path]:
+    """(model folder, cache): one demo tar cached from a private copy of the tiny model, to move or alter."""
+    from latentforge.preprocess.job import run_cache
+    from latentforge.shared.config import load_config
+
+    model = Path(shutil.copytree(tiny_sdxl, tmp_path / "models" / "tiny-sdxl"))
+    cache = tmp_path / "cache"
+    config = load_config(ROOT / "configs" / "demo.yaml", [
+        f"model.pretrained={model}", f"cache.path={cache}", "upscale.enabled=false", "train.output_dir=unused",
+        f"data.sources=[{{type: webdataset, path: '{demo_data}/webdataset/00000.tar'}}]"])
+    assert run_cache(config) == 0
+    return model, cache
+
+
+def test_recorded_folder_decodes_the_grids_without_model(folder_cache, tmp_path, capsys):
+    model, cache = folder_cache
+    location = json.loads((cache / "cache.json").read_text())["model_location"]
+    assert location == {"pretrained": {"path": str(model)}, "vae": None}
+    assert main(["inspect", str(cache), "--out", str(tmp_path / "out"), "--per-bucket", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"VAE from {model}, the folder the cache was made from; VAE weights match" in out
+    assert f"loaded from pretrained: {model}" in out
+    assert list((tmp_path / "out").glob("grid-*.png"))
+
+
+def test_moved_model_folder_asks_for_model_in_one_line(folder_cache, tmp_path, capsys):
+    model, cache = folder_cache
+    model.rename(model.with_name("moved"))
+    assert main(["inspect", str(cache), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"the model folder this cache was made from, {model}, is gone" in err and "--model" in err
+    assert not (tmp_path / "out").exists()
+    # The location is a hint, not part of the fingerprint: the moved model still fits the cache.
+    assert main(["inspect", str(cache), "--out", str(tmp_path / "out"), "--per-bucket", "1",
+                 "--model", str(model.with_name("moved"))]) == 0
+    assert "VAE weights match the cache's fingerprint" in capsys.readouterr().out
+
+
+def test_replaced_vae_weights_are_refused_in_one_line(folder_cache, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    model, cache = folder_cache
+    weights = model / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    name = sorted(state)[0]
+    state[name] = state[name] + 0.5  # another VAE of the same shapes
+    save_file(state, weights, metadata={"format": "pt"})
+    assert main(["inspect", str(cache), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"the VAE in {model} is not the one this cache was made with" in err
+    assert "vae/diffusion_pytorch_model.safetensors" in err and "--model" in err
 
 
 def _first_group_bucket(cache: Path) -> tuple[str, str]:

@@ -207,12 +207,13 @@ def test_soak_killing_one_rank_of_two(tiny_sdxl, many_shards, reference, tmp_pat
 WRITER_SCRIPT = r'''
 import sys, time
 import numpy as np
-from latentforge.shared.cache_format import CacheSpec, FieldSpec
+from latentforge.shared.cache_format import CacheSpec, FieldSpec, key_field
 from latentforge.preprocess.cache_writer import CacheWriter
+from latentforge.preprocess.dedupe import rewrite_group
 
 url, version, action, fingerprint = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 fields = (FieldSpec("latent_mean", (4, "h", "w"), "bfloat16"), FieldSpec("prompt_embeds", (8, 16), "bfloat16"),
-          FieldSpec("original_size", (2,), "int32"), FieldSpec("key", (), "str"))
+          FieldSpec("original_size", (2,), "int32"), key_field())
 spec = CacheSpec(family="sdxl", fingerprint=fingerprint, fields=fields, buckets=((64, 64),), latent_channels=4,
                  vae_downsample=8, scaling_factor=0.13, shard_rows=4)
 writer = CacheWriter(url, spec)
@@ -238,7 +239,7 @@ if action == "groups":
     empty = {"prompt_embeds": np.zeros((1, 8, 16), np.uint16)}
     writer.write_prompts(empty, ["a prompt"], {"prompt_embeds": np.full((1, 8, 16), version, np.uint16)})
 elif action == "dedup":
-    writer.rewrite_group(writer.committed()["g1"], {f"k{i}" for i in range(5, 10)}, {}, {})
+    rewrite_group(writer, writer.committed()["g1"], {f"k{i}" for i in range(5, 10)}, {}, {})
 print("done", flush=True)
 '''
 

@@ -1,5 +1,6 @@
 """Guarantee 4: a cache that does not fit the run fails before step 1 with one line naming both sides
-(another family, other text widths, other VAE / text-encoder weights, a newer format version), and a
+(another family, other text widths, other VAE / text-encoder weights, a newer or older format version, a
+group whose source is no longer configured), and a
 cache whose files were deleted or corrupted after commit is detected with the file and its shard (cache
 group) named, through the trainer too. See docs/reliability.md."""
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from reliability_support import DEMO, FP32_ZERO2, run_cli
 
-from latentforge.shared.cache_format import CacheFormatError, CacheMismatchError
+from latentforge.shared.cache_format import FORMAT_VERSION, CacheFormatError, CacheMismatchError
 from latentforge.shared.cache_reader import CacheReader
 from latentforge.shared.config import load_config
 
@@ -121,23 +122,38 @@ def test_trainer_refuses_a_cache_from_another_vae(small_cache, other_vae_model, 
     assert not (tmp_path / "run").exists()
 
 
-def test_newer_format_version_fails_before_step_one(cache_copy, tiny_sdxl, tmp_path):
+def test_trainer_refuses_a_cache_group_whose_source_is_not_configured(small_cache, tiny_sdxl, tmp_path):
+    """Each group's `repeats` come from the source it records; a source gone from data.sources is named."""
+    with pytest.raises(CacheMismatchError) as err:
+        start(train_args(tiny_sdxl, small_cache, tmp_path / "run", "data.sources=[{type: folder, path: elsewhere}]"))
+    line = one_line(err)
+    assert line.startswith("cache group s0-0000") and "(webdataset), which is not in data.sources: add it back" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_newer_or_older_format_version_fails_before_step_one(cache_copy, tiny_sdxl, tmp_path):
     spec = json.loads((cache_copy / "cache.json").read_text())
-    spec["format_version"] = 2
+    spec["format_version"] = FORMAT_VERSION + 1
     (cache_copy / "cache.json").write_text(json.dumps(spec))
     with pytest.raises(CacheFormatError) as err:
         start(train_args(tiny_sdxl, cache_copy, tmp_path / "run"))
-    assert "cache format version 2 is newer than this latentforge reads (version 1)" in one_line(err)
-    spec["format_version"] = 1
+    assert (f"cache format version {FORMAT_VERSION + 1} is newer than this latentforge reads "
+            f"(version {FORMAT_VERSION})") in one_line(err)
+    spec["format_version"] = FORMAT_VERSION - 1  # an older cache: the line names the re-cache command
+    (cache_copy / "cache.json").write_text(json.dumps(spec))
+    with pytest.raises(CacheFormatError) as err:
+        start(train_args(tiny_sdxl, cache_copy, tmp_path / "run"))
+    assert f"cache format version {FORMAT_VERSION - 1} is older" in one_line(err) and "--overwrite" in one_line(err)
+    spec["format_version"] = FORMAT_VERSION
     (cache_copy / "cache.json").write_text(json.dumps(spec))
     gid = groups_and_buckets(cache_copy)[0][0]
     commit = cache_copy / "shards" / gid / "commit.json"
     doc = json.loads(commit.read_text())
-    doc["format_version"] = 2
+    doc["format_version"] = FORMAT_VERSION + 1
     commit.write_text(json.dumps(doc))
     with pytest.raises(CacheFormatError) as err:
         start(train_args(tiny_sdxl, cache_copy, tmp_path / "run"))
-    assert f"{gid}/commit.json: group format version 2 is newer than 1" in one_line(err)
+    assert f"{gid}/commit.json: group format version {FORMAT_VERSION + 1} is newer than {FORMAT_VERSION}" in one_line(err)
     assert not (tmp_path / "run").exists()
 
 

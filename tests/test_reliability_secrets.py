@@ -64,13 +64,14 @@ def test_secret_never_leaves_the_environment(s3_server, tiny_sdxl, demo_data, sm
     opts = f"{{endpoint_url: '{endpoint}'}}"
     cache_url = "s3://caches/sdxl"
     out = tmp_path / "run"
+    # The trainer lists the same source: it takes each cache group's settings (repeats) from its source.
     common = [f"model.pretrained={tiny_sdxl}", f"cache.path={cache_url}", f"cache.storage_options={opts}",
-              f"train.output_dir={out}"]
+              f"train.output_dir={out}",
+              f"data.sources=[{{type: webdataset, path: 's3://data/wds/*.tar', storage_options: {opts}}}]"]
     env = child_env(AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET, AWS_DEFAULT_REGION="us-east-1")
     env.pop("AWS_PROFILE", None)
 
-    cache_job = Job([str(CLI), "cache", "--config", str(DEMO), *common, "cache.latent_mode=dist",
-                     f"data.sources=[{{type: webdataset, path: 's3://data/wds/*.tar', storage_options: {opts}}}]"],
+    cache_job = Job([str(CLI), "cache", "--config", str(DEMO), *common, "cache.latent_mode=dist"],
                     tmp_path / "cache-log", env)
     assert cache_job.wait() == 0, cache_job.stderr[-3000:]
     train_job = Job([str(CLI), "train", "--config", str(DEMO), *common, "train.max_steps=2", "train.checkpoint_every=2",

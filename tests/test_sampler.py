@@ -12,12 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from latentforge.shared.cache_format import bucket_name
 from latentforge.train.sampler import (
     GlobalBucketSchedule,
     MicroBatch,
     MicroBatchSampler,
     SamplerState,
-    bucket_name,
 )
 
 PROPS = settings(max_examples=100, deadline=None)

@@ -1,7 +1,9 @@
 """The trainer's data path: cached rows in, micro-batches of tensors out. No image decoding, no encoders.
 
 `CachedSamples` maps the committed cache to training items: held-out rows (by key hash) are removed,
-per-source `repeats` expand the rest, and each bucket's items are numbered 0..n-1 for the sampler.
+per-source `repeats` expand the rest, and each bucket's items are numbered 0..n-1 for the sampler. A
+group's source is the one its manifest records (type and path, `cache_format.find_source`), so the
+config may list its sources in another order than when the cache was made.
 `CachedBatches` is the `Dataset` the DataLoader workers call with a whole `MicroBatch`, so one call is
 one batched read of the cache (rows of one bucket, coalesced) rather than one read per sample.
 """
@@ -9,7 +11,6 @@ one batched read of the cache (rows of one bucket, coalesced) rather than one re
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,12 +18,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from latentforge.shared.cache_format import find_source
 from latentforge.shared.cache_reader import CacheReader
 from latentforge.shared.config import Config
 
 from .sampler import MicroBatch, MicroBatchSampler
 
-_SOURCE_RE = re.compile(r"^s(\d+)-")
 # What a training step reads; keys, hashes and upscale paths stay on disk.
 TRAIN_FIELDS = ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds", "prompt_mask",
                 "original_size", "crop_top_left", "target_size")
@@ -41,7 +42,7 @@ class CachedSamples:
 
     def __init__(self, reader: CacheReader, config: Config) -> None:
         self.reader = reader
-        repeats = [s.repeats for s in config.data.sources]
+        repeats = group_repeats(reader, config)
         self.train_rows: dict[tuple[int, int], np.ndarray] = {}
         self.val_rows: dict[tuple[int, int], np.ndarray] = {}
         for bucket, n in sorted(reader.bucket_counts().items()):
@@ -52,9 +53,7 @@ class CachedSamples:
                 if held_out(key, config.train.held_out_fraction):
                     val.append(row)
                     continue
-                m = _SOURCE_RE.match(group)
-                times = repeats[int(m.group(1))] if m and int(m.group(1)) < len(repeats) else 1
-                train.extend([row] * times)
+                train.extend([row] * repeats[group])
             if train:
                 self.train_rows[bucket] = np.asarray(train, dtype=np.int64)
             if val:
@@ -67,6 +66,19 @@ class CachedSamples:
     @property
     def num_train(self) -> int:
         return sum(self.bucket_sizes.values())
+
+
+def group_repeats(reader: CacheReader, config: Config) -> dict[str, int]:
+    """Group id -> `repeats` of the configured source the group came from (1 for a group that records no
+    source: written by a tool, not the cache job). A group whose source is no longer in `data.sources` is
+    a `CacheMismatchError`, one line naming the source and the fix."""
+    sources = config.data.sources
+    configured = [(s.type, s.path) for s in sources]
+    out = {}
+    for manifest in reader.groups:
+        index = find_source(manifest.group_id, manifest.origin, configured)
+        out[manifest.group_id] = 1 if index is None else sources[index].repeats
+    return out
 
 
 class CachedBatches(Dataset):

@@ -22,12 +22,10 @@ from typing import Any
 
 import numpy as np
 
+# Carries in checkpoints are keyed by the cache's own bucket names ("HxW"), so they read like the cache.
+from latentforge.shared.cache_format import bucket_name
+
 Bucket = tuple[int, int]
-
-
-def bucket_name(bucket: Bucket) -> str:
-    """``(height, width)`` -> ``"HxW"``, the JSON-able key used for carries in checkpoints."""
-    return f"{bucket[0]}x{bucket[1]}"
 
 
 @dataclass(frozen=True)

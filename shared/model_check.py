@@ -1,0 +1,121 @@
+"""The model a cache was made with: where it was loaded from, and whether another model holds its weights.
+
+`CacheReader.check_compatible` compares shapes (family, latent channels, text widths); two VAEs or text
+encoders of the same widths pass it. This compares the weights themselves: the sha256 of each weight
+file the cache's model identity records (`cache_format.recorded_model_parts`) against the same file in
+the training model's folder.
+
+`cache.json` also records where the model was loaded from (`CacheSpec.model_location`: a folder's absolute
+path, or a hub id with the commit its revision resolved to). That is a hint for tools, never part of the
+fingerprint: a moved folder keeps its cache valid, and whoever follows the hint checks the weight hashes
+(`differing_files`) before trusting what is there now.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .cache_format import (
+    LOCATION_PATH,
+    LOCATION_PRETRAINED,
+    LOCATION_VAE,
+    MODEL_COMMIT,
+    MODEL_FILES,
+    MODEL_HUB_ID,
+    MODEL_REVISION,
+    MODEL_TEXT,
+    MODEL_VAE,
+    CacheSpec,
+    describe_mismatch,
+    recorded_model_parts,
+)
+from .file_hash import sha256_file
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+# ---- the location hint ----------------------------------------------------------------------------------
+def folder_location(path: str) -> dict[str, Any]:
+    """Location of a model loaded from a local folder: its absolute path."""
+    return {LOCATION_PATH: os.path.abspath(path)}
+
+
+def hub_location(hub_id: str, revision: str, commit: str) -> dict[str, Any]:
+    """Location of a model loaded from the hub: id, configured revision and the commit it resolved to."""
+    return {MODEL_HUB_ID: hub_id, MODEL_REVISION: revision, MODEL_COMMIT: commit}
+
+
+def model_location_doc(pretrained: Mapping[str, Any], vae: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`CacheSpec.model_location`: where the pipeline was loaded from, and a separate VAE (None: none)."""
+    return {LOCATION_PRETRAINED: dict(pretrained), LOCATION_VAE: None if vae is None else dict(vae)}
+
+
+def recorded_vae_location(spec: CacheSpec) -> tuple[Mapping[str, Any], bool] | None:
+    """(location, separate) of the VAE a cache was made with, None when cache.json records none (older
+    caches). `separate`: a separate VAE (the location is the VAE itself), else the pipeline's `vae/`."""
+    loc = spec.model_location if isinstance(spec.model_location, Mapping) else {}
+    vae, pipe = loc.get(LOCATION_VAE), loc.get(LOCATION_PRETRAINED)
+    if isinstance(vae, Mapping) and vae:
+        return vae, True
+    if isinstance(pipe, Mapping) and pipe:
+        return pipe, False
+    return None
+
+
+# ---- weight hashes ---------------------------------------------------------------------------------------
+def differing_files(recorded: Mapping[str, Any], base: Path, strip: str = "", *, weights_only: bool = True,
+                    missing_differs: bool = True) -> list[str]:
+    """The files a recorded local-folder part (`{MODEL_FILES: {name: sha256}}`) lists whose copy under
+    `base` (names with `strip` removed) has another sha256, or is missing when `missing_differs`. Only
+    weight files (`WEIGHT_SUFFIXES`) unless `weights_only` is False. Empty when nothing differs."""
+    files = recorded.get(MODEL_FILES)
+    if not isinstance(files, Mapping):
+        return []
+    out = []
+    for name, digest in sorted(files.items()):
+        rel = name[len(strip):] if strip and name.startswith(strip) else name
+        if weights_only and not rel.endswith(WEIGHT_SUFFIXES):
+            continue
+        local = base / rel
+        if not local.is_file():
+            if missing_differs:
+                out.append(name)
+            continue
+        if sha256_file(local) != digest:
+            out.append(name)
+    return out
+
+
+def check_model_files(spec: CacheSpec, cache_url: str, pretrained: str, vae: str | None = None) -> None:
+    """Raise `CacheMismatchError` (one line) when `pretrained` (and `vae`, a separate VAE) hold encoder
+    weights other than those the cache at `cache_url` was made with. Compares sha256 of the weight files
+    (`*.safetensors`, `*.bin`) both sides have: the folder's `vae/` (or `vae`) and `text_encoder*/`. What
+    one side lacks (a training folder without text encoders, a hub id) is not compared, and hub ids are
+    compared by id only."""
+    parts = recorded_model_parts(spec)
+    if MODEL_VAE in parts:
+        source = vae or pretrained
+        # The cache names a pipeline's VAE files "vae/<file>" and a separate VAE's "<file>".
+        base = Path(source) if vae else Path(pretrained) / "vae"
+        _compare_part("VAE", parts[MODEL_VAE], source, base, "vae/", cache_url)
+    if MODEL_TEXT in parts:
+        _compare_part("text encoder", parts[MODEL_TEXT], pretrained, Path(pretrained), "", cache_url)
+
+
+def _compare_part(what: str, recorded: Mapping[str, Any], source: str, base: Path, strip: str, cache_url: str) -> None:
+    if MODEL_HUB_ID in recorded:
+        if not os.path.isdir(source) and recorded[MODEL_HUB_ID] != source:
+            raise describe_mismatch(f"{what} (hub id)", recorded[MODEL_HUB_ID], source, cache_url)
+        return
+    if not base.is_dir():
+        return
+    # A file the training folder lacks is not compared (a UNet-only folder trains from a full cache).
+    differ = differing_files(recorded, base, strip, missing_differs=False)
+    if differ:
+        name = differ[0]
+        local = base / (name[len(strip):] if strip and name.startswith(strip) else name)
+        raise describe_mismatch(f"{what} weights {name} (sha256)", str(recorded[MODEL_FILES][name])[:16],
+                                f"{sha256_file(local)[:16]} in {local}", cache_url)

@@ -1,0 +1,167 @@
+"""Reads rows of the big (per-row-chunked) fields of a cache straight from their Zarr shard files.
+
+Why not zarr-python: measured here, zarr-python spends ~8 ms of Python per single-row read of a sharded
+array (129 samples/s, ten times slower than one `.npz` per sample). A big field stores one chunk per row
+inside shard files of `shard_rows` rows, so a row is one byte range: this module parses each shard
+file's index once (the standard sharding-codec index at the end of the file, crc32c-checked), then
+decodes each row straight from a read-only mapping of the file (local disks) or from a coalesced fsspec
+ranged read (object stores) into the caller's batch buffer. `CacheReader` owns one per opened cache.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import google_crc32c
+import numcodecs
+import numpy as np
+
+from .cache_format import SHARDS_DIR, CacheFormatError, FieldSpec, GroupManifest
+from .storage import Storage
+
+_EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)
+_MAX_COALESCE = 16 << 20
+
+
+@dataclass
+class _RowArray:
+    """A per-row-chunked array of one (group, bucket, field): shard files plus their parsed indexes."""
+
+    rel: str  # path of the array folder, relative to the cache root
+    rows: int
+    shard_rows: int
+    row_shape: tuple[int, ...]
+    dtype: np.dtype
+    decoder: Any  # numcodecs codec or None
+    expected_sizes: Mapping[str, int]
+    indexes: dict[int, np.ndarray]
+
+    def shard_file(self, shard: int) -> str:
+        return f"{self.rel}/c/{shard}" + "/0" * len(self.row_shape)
+
+
+def _decoder_for(codecs: Sequence[Mapping[str, Any]]) -> Any:
+    names = [c["name"] for c in codecs]
+    if names == ["bytes"]:
+        return None
+    if names[:1] == ["bytes"] and len(names) == 2 and names[1] in ("blosc", "zstd"):
+        return numcodecs.Blosc() if names[1] == "blosc" else numcodecs.Zstd()
+    raise CacheFormatError(f"unsupported inner codec chain {names}")
+
+
+def _group_dir(storage: Storage, rel: str) -> str:
+    """The group folder of a path under `shards/<group id>/`, as shown in errors."""
+    return storage.path("/".join(rel.split("/")[:2]))
+
+
+class RowFieldReader:
+    """Per-row reads of big fields for one cache: shard indexes parsed once, then kept."""
+
+    def __init__(self, storage: Storage, manifests: Mapping[str, GroupManifest]) -> None:
+        self.storage = storage
+        self.manifests = manifests
+        self._arrays: dict[tuple[str, str, str], _RowArray] = {}
+
+    def read(self, groups: Sequence[str], name: str, spec: FieldSpec, gidx: np.ndarray, local: np.ndarray,
+             out: np.ndarray) -> None:
+        """Fill `out[i]` with row `local[i]` of group `groups[gidx[i]]`, bucket `name`, field `spec`."""
+        # (file, offset, nbytes, out position) for every row, then sorted so neighbours coalesce.
+        requests: list[tuple[str, int, int, int, _RowArray]] = []
+        for pos, (gi, lr) in enumerate(zip(gidx, local, strict=True)):
+            ra = self._row_array(groups[gi], name, spec)
+            shard, within = divmod(int(lr), ra.shard_rows)
+            offset, nbytes = self._shard_index(ra, shard)[within]
+            if offset == _EMPTY:
+                out[pos] = 0
+                continue
+            requests.append((ra.shard_file(shard), int(offset), int(nbytes), pos, ra))
+        if self.storage.is_local:
+            # Decode straight from the mapped file into the batch: no intermediate bytes object.
+            for file, offset, nbytes, pos, ra in requests:
+                self._decode_row(ra, file, self.storage.map_file(file)[offset: offset + nbytes], out[pos])
+            return
+        requests.sort(key=lambda r: (r[0], r[1]))
+        i = 0
+        while i < len(requests):
+            j = i + 1
+            while (j < len(requests) and requests[j][0] == requests[i][0]
+                   and requests[j][1] == requests[j - 1][1] + requests[j - 1][2]
+                   and requests[j][1] + requests[j][2] - requests[i][1] <= _MAX_COALESCE):
+                j += 1
+            start = requests[i][1]
+            blob = self.storage.read_range(requests[i][0], start, requests[j - 1][1] + requests[j - 1][2] - start)
+            for file, offset, nbytes, pos, ra in requests[i:j]:
+                self._decode_row(ra, file, memoryview(blob)[offset - start: offset - start + nbytes], out[pos])
+            i = j
+
+    def _row_array(self, group_id: str, name: str, spec: FieldSpec) -> _RowArray:
+        key = (group_id, name, spec.name)
+        ra = self._arrays.get(key)
+        if ra is None:
+            rel = f"{SHARDS_DIR}/{group_id}/{name}/{spec.name}"
+            try:
+                meta = json.loads(self.storage.read_text(f"{rel}/zarr.json"))
+            except FileNotFoundError:
+                raise CacheFormatError(f"{self.storage.path(rel)}/zarr.json is missing (cache group {group_id}): the cache "
+                                       f"changed after commit; delete {_group_dir(self.storage, rel)} and "
+                                       "re-run the cache job") from None
+            (codec,) = meta["codecs"]
+            if codec["name"] != "sharding_indexed" or codec["configuration"]["index_location"] != "end":
+                raise CacheFormatError(f"{self.storage.path(rel)}: expected a sharded array with the index at the end")
+            prefix = f"{name}/{spec.name}/"
+            ra = _RowArray(
+                rel=rel,
+                rows=int(meta["shape"][0]),
+                shard_rows=int(meta["chunk_grid"]["configuration"]["chunk_shape"][0]),
+                row_shape=tuple(meta["shape"][1:]),
+                dtype=np.dtype(meta["data_type"]).newbyteorder("<"),
+                decoder=_decoder_for(codec["configuration"]["codecs"]),
+                expected_sizes={k[len(prefix):]: v for k, v in self.manifests[group_id].files.items()
+                                if k.startswith(prefix)},
+                indexes={},
+            )
+            self._arrays[key] = ra
+        return ra
+
+    def _shard_index(self, ra: _RowArray, shard: int) -> np.ndarray:
+        index = ra.indexes.get(shard)
+        if index is None:
+            rel = ra.shard_file(shard)
+            inner = rel[len(ra.rel) + 1:]
+            group_id = rel.split("/")[1]
+            try:
+                size: int | None = self.storage.file_size(rel) if inner in ra.expected_sizes else -1
+            except FileNotFoundError:
+                size = None
+            if size != ra.expected_sizes.get(inner, -2):
+                what = "is missing" if size is None else f"size {size} does not match the committed size {ra.expected_sizes.get(inner)}"
+                raise CacheFormatError(
+                    f"{self.storage.path(rel)}: {what} (cache group {group_id}); the file was modified or deleted "
+                    f"after commit: delete {_group_dir(self.storage, rel)} and re-run the cache job"
+                )
+            nbytes = ra.shard_rows * 16 + 4
+            raw = self.storage.read_range(rel, size - nbytes, nbytes)
+            if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+                raise CacheFormatError(f"{self.storage.path(rel)}: shard index checksum mismatch (cache group "
+                                       f"{group_id}); the file is corrupt: delete {_group_dir(self.storage, rel)} "
+                                       "and re-run the cache job")
+            index = np.frombuffer(raw[:-4], dtype="<u8").reshape(ra.shard_rows, 2)
+            ra.indexes[shard] = index
+        return index
+
+    def _decode_row(self, ra: _RowArray, file: str, chunk: Any, target: np.ndarray) -> None:
+        """Decode one stored row chunk into `target` (a row of the batch buffer)."""
+        try:
+            if ra.decoder is None:
+                target[...] = np.frombuffer(chunk, dtype=ra.dtype).reshape(target.shape)
+            elif isinstance(ra.decoder, numcodecs.Blosc):
+                ra.decoder.decode(chunk, out=target)
+            else:
+                target[...] = np.frombuffer(ra.decoder.decode(chunk), dtype=ra.dtype).reshape(target.shape)
+        except Exception as exc:  # a chunk that does not decode: corrupt bytes inside the file
+            raise CacheFormatError(f"{self.storage.path(file)}: a chunk does not decode ({type(exc).__name__}) "
+                                   f"(cache group {file.split('/')[1]}); the file is corrupt: delete "
+                                   f"{_group_dir(self.storage, file)} and re-run the cache job") from None
