@@ -14,8 +14,8 @@ import pytest
 import webdataset as wds
 from PIL import Image, ImageOps
 
-from latentforge.devkit.demo_data import DemoDataSummary, write_demo_data
 from latentforge.devkit import demo_data
+from latentforge.devkit.demo_data import DemoDataSummary, write_demo_data
 
 IMAGE_EXTS = (".jpg", ".png")
 META_KEYS = {
