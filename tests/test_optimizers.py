@@ -115,3 +115,17 @@ def test_offload_with_deepspeeds_compiled_cpu_kernels_resumes_exactly(unet_only_
     full, resumed = three_steps_then_resume(unet_only_model, small_cache, tmp_path, f"train.optimizer={optimizer}",
                                             ZERO % (2, OFFLOAD_OPT, ""))
     assert resumed == full[2:], (full, resumed)
+
+
+def test_bitsandbytes_refuses_a_partition_past_its_32_bit_element_count():
+    import torch
+
+    config, ds = _ds("train.optimizer=adamw_8bit", "deepspeed={zero_optimization: {stage: 2}}")
+    big = torch.nn.Parameter(torch.empty(2**31, device="meta"))
+    with pytest.raises(ConfigError, match="32-bit limit") as info:
+        build_optimizer([big], config, ds)
+    assert "\n" not in str(info.value)
+    config0, ds0 = _ds("train.optimizer=adamw_8bit", "deepspeed={zero_optimization: {stage: 0}}")
+    from latentforge.train.optimizers import _check_bnb_partition
+
+    _check_bnb_partition(config0, ds0, [big])  # ZeRO 0 keeps per-parameter tensors: each is within the limit

@@ -71,8 +71,12 @@ def _prodigy(params: list[torch.nn.Parameter], config: Config, lr: float) -> tor
     from prodigyopt import Prodigy
 
     t = config.train
+    # Under ZeRO >= 1 with several ranks each rank steps only its partition; Prodigy's step-size estimate
+    # must then be summed over ranks (its `fsdp_in_use`), or every rank would learn its own step size.
+    sharded = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 and \
+        int(config.deepspeed.get("zero_optimization", {}).get("stage", 0)) >= 1
     kwargs = {"lr": lr, "betas": tuple(t.adam_betas), "eps": t.adam_eps, "weight_decay": t.weight_decay,
-              "use_bias_correction": True, "safeguard_warmup": t.warmup_steps > 0}
+              "use_bias_correction": True, "safeguard_warmup": t.warmup_steps > 0, "fsdp_in_use": sharded}
     return Prodigy(params, **{**kwargs, **t.optimizer_args})
 
 
@@ -162,6 +166,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], config: Config, ds_con
     params = list(params)
     lr = peak_lr(config, ds_config)
     choice = OPTIMIZERS[config.train.optimizer]
+    _check_bnb_partition(config, ds_config, params)
     ds = copy.deepcopy(ds_config)
     if offloads_optimizer(ds) and choice.offload in ("ds_adam", "ds_lion"):
         return _deepspeed_cpu_optimizer(choice.offload, params, config, lr), ds
@@ -171,6 +176,25 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], config: Config, ds_con
         # ZeRO wraps any torch optimizer that keeps its state per parameter; DeepSpeed only asks to be told.
         ds["zero_allow_untested_optimizer"] = True
     return choice.build(params, config, lr), ds
+
+
+# bitsandbytes' kernels take the element count of a tensor as a 32-bit int.
+_BNB_MAX_ELEMENTS = 2**31 - 1
+
+
+def _check_bnb_partition(config: Config, ds_config: dict[str, Any], params: list[torch.nn.Parameter]) -> None:
+    """ZeRO >= 1 hands the optimizer one flat tensor per rank; past 2^31 elements bitsandbytes' kernels
+    would wrap the count silently (the SDXL UNet alone is 2.57 B parameters), so refuse instead."""
+    if OPTIMIZERS[config.train.optimizer].library != "bitsandbytes":
+        return
+    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    world = ds_config["train_batch_size"] // (ds_config["train_micro_batch_size_per_gpu"]
+                                              * ds_config["gradient_accumulation_steps"])
+    per_rank = sum(p.numel() for p in params) // (world if stage >= 1 else 1)
+    if stage >= 1 and per_rank > _BNB_MAX_ELEMENTS:
+        raise ConfigError(f"train.optimizer={config.train.optimizer} under ZeRO-{stage} on {world} rank(s) steps "
+                          f"{per_rank:,} elements per rank in one tensor, past bitsandbytes' 32-bit limit; use ZeRO 0, "
+                          f"more ranks (>= {-(-sum(p.numel() for p in params) // _BNB_MAX_ELEMENTS)}), or adamw")
 
 
 def _deepspeed_cpu_optimizer(kind: str, params: list[torch.nn.Parameter], config: Config,
