@@ -37,7 +37,7 @@ $(OFFLINE_TARGETS): export HF_DATASETS_OFFLINE := 1
 $(OFFLINE_TARGETS): export DS_ACCELERATOR ?= cpu
 $(OFFLINE_TARGETS): export CUDA_VISIBLE_DEVICES ?=
 
-.PHONY: install test demo demo-assets cache train bench lint clean dataset soak
+.PHONY: install test demo demo-assets cache train bench gpu-check lint clean dataset soak
 
 install: $(STAMP) $(I2D_STAMP)
 
@@ -91,6 +91,11 @@ train: $(INSTALL)
 
 bench: $(INSTALL)
 	$(PY) -m bench.run_all
+
+# One H100/H200, at most 8 minutes: real-size SDXL (random weights) cache + train figures into
+# bench/results/gpu.json (docs/benchmarks.md). Not offline-by-Make: the script sets what it needs and must see the GPU.
+gpu-check: $(INSTALL)
+	$(PY) -m bench.gpu_check $(ARGS)
 
 # Download a url list (csv: url,caption[,more columns]) into img2dataset tar shards; see docs/data-sources.md.
 dataset: install
