@@ -81,3 +81,9 @@ def test_cache_on_a_fresh_clone_builds_the_demo_assets_first(tmp_path):
     (demo_dir / "tiny-sdxl").mkdir(parents=True)
     (demo_dir / "tiny-sdxl" / "model_index.json").write_text("{}")
     assert [c["argv"][0] for c in run_make(tmp_path, "cache", f"DEMO_DIR={demo_dir}")] == ["cache"]
+
+
+def test_gpu_check_sees_the_gpu(tmp_path):
+    (call,) = run_make(tmp_path, "gpu-check")
+    assert call["argv"][:2] == ["-m", "bench.gpu_check"]
+    assert "CUDA_VISIBLE_DEVICES" not in call["env"] and "DS_ACCELERATOR" not in call["env"]
