@@ -26,9 +26,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .inspect_draw import draw_bucket_grid, draw_bucket_histogram, pick_rows
-from .inspect_vae import InspectError, load_vae, resolve_vae
-
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
 DEFAULT_PER_BUCKET = 8
@@ -214,6 +211,9 @@ def run_inspect(cache: str, *, out: str | None = None, verify: bool = False, per
     from latentforge.shared.cache_format import bucket_name
     from latentforge.shared.cache_reader import CacheReader
 
+    from .inspect_draw import draw_bucket_grid, draw_bucket_histogram, pick_rows
+    from .inspect_vae import load_vae, resolve_vae
+
     reader = CacheReader(cache)
     try:
         vae_source = None
@@ -255,6 +255,9 @@ def run_inspect(cache: str, *, out: str | None = None, verify: bool = False, per
 
 
 def cli_entry(args: argparse.Namespace) -> int:
+    """`latentforge inspect`: run it; a usage problem (`InspectError`) is one stderr line and exit 2."""
+    from .inspect_vae import InspectError
+
     try:
         return run_inspect(args.cache, out=args.out, verify=args.verify, per_bucket=args.per_bucket, model=args.model)
     except InspectError as exc:

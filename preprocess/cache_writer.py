@@ -296,8 +296,9 @@ class CacheWriter:
                         f"{self.storage.path(CACHE_JSON)}: existing cache is {old.family} format v{old.format_version}, "
                         f"this run writes {spec.family} v{spec.format_version}; use a new cache.path"
                     )
-        if old is None or old.fingerprint != spec.fingerprint:
-            # A new fingerprint re-caches every group (each group records the fingerprint it was made with).
+        if old is None or old.fingerprint != spec.fingerprint or old.model_location != spec.model_location:
+            # A new fingerprint re-caches every group (each group records the fingerprint it was made with); a
+            # moved model folder only updates the location hint `inspect` starts from, no group is invalidated.
             self.storage.write_text_atomic(CACHE_JSON, spec.to_json())
 
     def committed(self) -> dict[str, GroupManifest]:

@@ -8,7 +8,6 @@ Encoding a batch that runs out of memory is retried in halves before a sample is
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from latentforge.shared.families import family_facts
 from latentforge.shared.file_hash import sha256_file
 
 from .model_source import DEFAULT_REVISION, ModelSource, ModelSources
+from .model_source import is_local_folder as is_local
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -55,10 +55,6 @@ def load_kwargs(config: Config, dtype: torch.dtype) -> dict[str, Any]:
     if config.model.variant:
         kwargs["variant"] = config.model.variant
     return kwargs
-
-
-def is_local(path: str) -> bool:
-    return os.path.isdir(path)
 
 
 class VaeEncoder:
