@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
@@ -72,3 +73,41 @@ def test_runs_compare_side_by_side(tiny_sdxl, small_cache, tmp_path):
     acc.Reload()
     assert "train/loss" in acc.Tags()["scalars"]
     assert any("hparams" in tag for tag in acc.Tags().get("tensors", [])) or acc.PluginTagToContent("hparams")
+
+
+@pytest.mark.slow
+def test_lora_under_zero3_checkpoints_resume_and_export(unet_only_model, small_cache, tiny_sdxl, tmp_path):
+    """Two ranks, every adapter weight split between them: adapter-only checkpoints, exact resume on the
+    same ranks, and the adapter exported from the partitioned optimizer files."""
+    from test_elastic_resume import CKPT, STEPS, checkpoint, elastic_args, resume
+    from test_train import logged_losses, torchrun_train
+
+    lora = ("train.lora.enabled=true", "train.lora.rank=4", "train.lr=1e-2", "train.validation_every=4",
+            "train.held_out_fraction=0.2", "train.validation_inference_steps=2")
+    base = tmp_path / "w2"
+    torchrun_train(2, elastic_args(unet_only_model, small_cache, base, 3, 2, *lora))
+    full = logged_losses(base)
+    got = resume(unet_only_model, small_cache, base, tmp_path / "resumed", 3, 2, *lora)
+    assert [got[s] for s in (3, 4)] == [full[s] for s in (3, 4)]
+    assert (base / "validation" / f"step-{STEPS:08d}.png").is_file()
+
+    ckpt = checkpoint(base, STEPS)
+    for rank in (0, 1):  # each rank's file names the adapters only; the frozen base is the base model's
+        states = torch.load(ckpt / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt", map_location="cpu",
+                            weights_only=False)
+        assert states["module"] and all("lora_" in k for k in states["module"]) and not states["frozen_param_shapes"]
+    from latentforge.train.checkpoint_weights import trained_state_dict
+
+    adapters = trained_state_dict(ckpt, use_ema=False)
+    assert adapters and all("lora_" in k for k in adapters)
+    assert any(not torch.equal(adapters[k], v) for k, v in trained_state_dict(checkpoint(base, CKPT), False).items())
+
+    out = export_pipeline(ckpt, tmp_path / "adapter")
+    assert (export_pipeline(ckpt, tmp_path / "adapter-ema", use_ema=True) / "pytorch_lora_weights.safetensors").is_file()
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    plain = pipe("a cat", num_inference_steps=2, height=64, width=64, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    pipe.load_lora_weights(out)
+    tuned = pipe("a cat", num_inference_steps=2, height=64, width=64, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert not np.allclose(plain, tuned), "the adapter changed nothing"

@@ -5,8 +5,9 @@ Layout of `OUTPUT/checkpoints/`::
     step-00000500/            DeepSpeed's files (module, optimizer partitions, lr scheduler)
         rng-rank<r>.pt        each rank's RNG states (python, numpy, torch, cuda, the trainer's generators)
         trainer_state.json    step, sampler state, config snapshot, cache fingerprint
-        ema.safetensors       fp32 EMA weights (when enabled)
+        ema.safetensors       fp32 EMA weights, whole tensors at every ZeRO stage (when enabled)
         COMPLETE              written last, after every rank finished: only such folders are resumable
+    step-00000500-universal/  the same converted for another world size (ZeRO >= 1; `universal.py`)
     latest                    name of the newest COMPLETE folder (a hint; the scan decides)
 
 What a checkpoint holds is one `TrainState`: the run's stateful parts (engine, sampler position, EMA,
@@ -41,6 +42,10 @@ from .sampler import GlobalBucketSchedule, SamplerState
 COMPLETE = "COMPLETE"
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "trainer_state.json"
+# A checkpoint converted for another world size (`universal.py`) lives next to it, as `step-N` + this suffix,
+# and counts only with this marker in it (naming the checkpoint it came from).
+UNIVERSAL_SUFFIX = "-universal"
+UNIVERSAL_DONE = "UNIVERSAL_COMPLETE"
 _TAG_RE = re.compile(r"^step-(\d{8})$")
 
 
@@ -67,7 +72,7 @@ class TrainState:
     rank: int
     world: int
     step: int = 0  # optimizer steps done
-    ema: Stateful | None = None  # the fp32 EMA, on the main rank only
+    ema: Stateful | None = None  # the fp32 EMA: on the main rank (ZeRO 0-2), or each rank's slice (ZeRO-3)
     generators: dict[str, torch.Generator] = field(default_factory=dict)  # saved per rank with the global RNGs
     trainable_only: bool = False  # LoRA: the engine saves and loads only the trainable parameters
     # Written for readers of the checkpoint (export reads the config), never restored from it.
@@ -110,6 +115,20 @@ def find_checkpoint(output_dir: str | Path, resume: str | None) -> Path | None:
     return path
 
 
+def universal_path(checkpoint: Path) -> Path:
+    """The sibling folder that holds `checkpoint` converted to DeepSpeed's universal format."""
+    return checkpoint.with_name(checkpoint.name + UNIVERSAL_SUFFIX)
+
+
+def remove_universal(checkpoint: Path) -> None:
+    """Delete `checkpoint`'s universal sibling: before the checkpoint itself is deleted or rewritten, so a
+    converted folder never outlives (or predates) the files it was converted from."""
+    target = universal_path(checkpoint)
+    if target.exists():
+        (target / UNIVERSAL_DONE).unlink(missing_ok=True)  # marker first, as for checkpoints
+        shutil.rmtree(target, ignore_errors=True)
+
+
 def _rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
     return {
         "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -144,6 +163,7 @@ def save_checkpoint(state: TrainState, output_dir: str | Path, keep_last: int) -
     rank = state.rank
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
+        remove_universal(path)  # converted from the files about to be replaced
         if path.exists():  # a half-written folder from a crash at this very step
             (path / COMPLETE).unlink(missing_ok=True)  # marker first, as when pruning
             shutil.rmtree(path)
@@ -153,15 +173,17 @@ def save_checkpoint(state: TrainState, output_dir: str | Path, keep_last: int) -
                                  exclude_frozen_parameters=state.trainable_only)
     fault_point("checkpoint:deepspeed_written")
     torch.save(_rng_state(state.generators), path / f"rng-rank{rank}.pt")
+    # Every rank that holds an EMA asks for its state: under ZeRO-3 that gathers the slices onto rank 0.
+    ema = state.ema.state_dict() if state.ema is not None else None
     if rank == 0:
         (path / STATE_FILE).write_text(json.dumps(state.state_dict(), indent=2, default=str))
-        if state.ema is not None:
+        if ema is not None:
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in state.ema.state_dict().items()}, str(path / EMA_FILE))
+            save_file({k: v.contiguous() for k, v in ema.items()}, str(path / EMA_FILE))
     _barrier()  # every rank's files are on disk before the marker says so
     if rank == 0:
-        _fsync_tree(path)  # COMPLETE must never reach the disk before the files it vouches for
+        fsync_tree(path)  # COMPLETE must never reach the disk before the files it vouches for
         fault_point("checkpoint:state_written")
         _write_atomic(path / COMPLETE, tag)
         fault_point("checkpoint:complete_written")
@@ -172,17 +194,21 @@ def save_checkpoint(state: TrainState, output_dir: str | Path, keep_last: int) -
             (old / COMPLETE).unlink(missing_ok=True)
             _fsync_dir(old)
             fault_point("checkpoint:pruning")
+            remove_universal(old)
             shutil.rmtree(old, ignore_errors=True)
     return path
 
 
-def load_checkpoint(state: TrainState, path: Path) -> None:
+def load_checkpoint(state: TrainState, path: Path, engine_path: Path | None = None) -> None:
     """Restore the checkpoint at `path` into `state`: engine, RNGs, step, sampler position and EMA.
 
-    A different world size keeps the data order (the sampler state is global) but gets fresh per-rank
-    RNG streams. A checkpoint without an EMA leaves `state.ema` as it was built.
+    `engine_path` is where the engine's files are read from when not from `path`: its universal
+    conversion, for a resume at another world size under ZeRO >= 1 (the engine must have been built
+    with `checkpoint.load_universal`). A different world size keeps the data order (the sampler state is
+    global) but gets fresh per-rank RNG streams. A checkpoint without an EMA leaves `state.ema` as built.
     """
-    load_path, _ = state.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+    engine_path = engine_path or path
+    load_path, _ = state.engine.load_checkpoint(str(engine_path.parent), tag=engine_path.name, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True,
                                                 load_module_strict=not state.trainable_only)
     if load_path is None:
@@ -193,9 +219,32 @@ def load_checkpoint(state: TrainState, path: Path) -> None:
         _set_rng_state(torch.load(rng_file, weights_only=False), state.generators)
     state.load_state_dict(saved)
     if state.ema is not None and (path / EMA_FILE).exists():
-        from safetensors.torch import load_file
+        state.ema.load_state_dict(SafetensorsMapping(path / EMA_FILE))
 
-        state.ema.load_state_dict(load_file(str(path / EMA_FILE)))
+
+class SafetensorsMapping(Mapping[str, torch.Tensor]):
+    """A .safetensors file as a read-only mapping that reads each tensor when asked (CPU).
+
+    A ZeRO-3 EMA takes one slice of each tensor on every rank: reading them one at a time keeps every
+    rank's peak at one whole tensor instead of the whole model.
+    """
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self._file = safe_open(str(path), "pt", device="cpu")
+        self._keys = dict.fromkeys(self._file.keys())  # ordered, with O(1) membership
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._file.get_tensor(key)
+
+    def __iter__(self) -> Any:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -220,7 +269,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(path: Path) -> None:
+def fsync_tree(path: Path) -> None:
     """fsync every file and folder of a checkpoint (DeepSpeed and torch.save do not), so a power loss
     after COMPLETE cannot leave the marker on disk without the data."""
     for folder, _, files in os.walk(path):

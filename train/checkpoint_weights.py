@@ -30,6 +30,10 @@ def trained_state_dict(checkpoint: Path, use_ema: bool) -> dict[str, torch.Tenso
     """fp32 weights of the trained model from a checkpoint (EMA when asked and present).
 
     LoRA runs hold only the trainable (adapter) weights; so does an EMA, which shadows what trains.
+    ZeRO 1-3 checkpoints hold the weights only as each rank's slice of the fp32 master copy in the
+    optimizer files (under ZeRO-3 the module files hold empty placeholders): DeepSpeed's
+    `zero_to_fp32` joins the slices. That needs nothing at save time (no gather, no 16-bit copy) and
+    gives the exact fp32 masters, not their bf16 rounding. The EMA file is whole at every stage.
     """
     if use_ema:
         ema = checkpoint / EMA_FILE

@@ -82,6 +82,12 @@ def deepspeed_config(config: Config, world: int) -> dict[str, Any]:
     stage = int(ds["zero_optimization"].get("stage", 0))
     if not 0 <= stage <= 3:
         raise ConfigError(f"deepspeed.zero_optimization.stage={stage}: expected 0, 1, 2 or 3")
+    offload_param = (ds["zero_optimization"].get("offload_param") or {}).get("device")
+    if stage == 3 and t.ema.enabled and offload_param == "nvme":
+        # The ZeRO-3 EMA averages each rank's slice of the weights in place (`ema.py`); a slice swapped
+        # out to NVMe is not in memory to average.
+        raise ConfigError("train.ema.enabled with deepspeed.zero_optimization.offload_param.device=nvme: the EMA "
+                          "needs the weight slices in memory; offload parameters to cpu, or turn the EMA off")
     from .optimizers import check_optimizer
 
     check_optimizer(config, ds)  # before any model loads: a combination that cannot run fails in one line

@@ -29,11 +29,12 @@ from . import objective as obj
 from .checkpoint import TrainState, find_checkpoint, load_checkpoint, save_checkpoint
 from .data import CachedBatches, CachedSamples, build_loader
 from .distributed import build_engine, deepspeed_config, init_distributed
-from .ema import Ema
+from .ema import build_ema
 from .families import adapter_for
 from .metrics import Metrics
 from .sampler import GlobalBucketSchedule, MicroBatchSampler, SamplerState
 from .step import StepSetup, build_objective, forward_loss
+from .universal import prepare_resume, zero_stage
 from .validation import ValidationData, validate
 
 log = logging.getLogger("latentforge.train")
@@ -52,6 +53,15 @@ class Trainer:
         random.seed(t.seed)
         np.random.seed(t.seed)
         torch.manual_seed(t.seed)
+
+        # The checkpoint to resume, found before the model loads: one written by another number of ranks
+        # under ZeRO >= 1 is converted to DeepSpeed's universal format (rank 0, while no model takes its
+        # memory), and the engine must be told so when it is built (`universal.py`).
+        self.ds_config = deepspeed_config(config, self.dist.world)
+        ckpt = find_checkpoint(t.output_dir, t.resume)
+        universal = None
+        if ckpt is not None:
+            self.ds_config, universal = prepare_resume(config, self.ds_config, ckpt, self.dist.world, self.dist.rank)
 
         # Data: the cache must fit the model before anything trains.
         self.cache = CacheReader(config.cache.path, dict(config.cache.storage_options))
@@ -72,17 +82,14 @@ class Trainer:
         self.objective = build_objective(config, self.adapter, self.dist.device)
 
         # Engine, EMA, metrics.
-        self.ds_config = deepspeed_config(config, self.dist.world)
-        if t.ema.enabled and self.ds_config["zero_optimization"].get("stage", 0) == 3:
-            raise ValueError("train.ema.enabled with ZeRO stage 3 is not supported yet; use ZeRO 0-2")
         self.engine, self.optimizer, self.lr_scheduler = build_engine(
             model, config, self.ds_config,
             lambda step: obj.lr_lambda(step, t.warmup_steps, t.max_steps, t.lr_scheduler))
         self.dtype = next(self.engine.module.parameters()).dtype
         self.setup = StepSetup(self.adapter, self.objective, config, {k: v.to(self.dist.device) for k, v in empty.items()},
                                self.cache.spec.scaling_factor, self.cache.spec.shift_factor, self.dist.device, self.dtype)
-        self.ema = Ema(self.engine.module, t.ema.decay, t.ema.start_step, t.ema.update_every) \
-            if t.ema.enabled and self.dist.is_main else None
+        self.sharded = zero_stage(self.ds_config) == 3  # ZeRO-3: every rank holds a slice of every weight
+        self.ema = build_ema(self.engine.module, t.ema, sharded=self.sharded, is_main=self.dist.is_main)
         self.output = Path(t.output_dir)
         self.metrics = Metrics(self.output / "tensorboard", self.dist.is_main)
         self.output.mkdir(parents=True, exist_ok=True)
@@ -93,10 +100,10 @@ class Trainer:
             world=self.dist.world, ema=self.ema, trainable_only=t.lora.enabled,
             snapshot={"cache_fingerprint": self.cache.spec.fingerprint, "config": config_to_dict(config)})
         self.history: list[float] = []  # mean loss of every optimizer step this process ran
-        ckpt = find_checkpoint(t.output_dir, t.resume)
         if ckpt is not None:
-            load_checkpoint(self.train_state, ckpt)
-            log.info("resumed from %s at step %d", ckpt, self.step)
+            load_checkpoint(self.train_state, ckpt, engine_path=universal)
+            log.info("resumed from %s at step %d%s", ckpt, self.step,
+                     f" (written by another world size; engine state from {universal.name})" if universal else "")
 
     # `step` and `state` read and write the TrainState, so it stays the one record of where the run is
     # (bench/ drives the loop by hand through them).
@@ -191,7 +198,9 @@ class Trainer:
             "final_loss_mean_last_10": float(np.mean(self.history[-10:])) if self.history else None,
             "last_window": last, "world_size": self.dist.world, "global_batch": self.global_batch,
             "train_samples": self.samples.num_train, "cache_fingerprint": self.cache.spec.fingerprint,
-            "trainable_parameters": sum(p.numel() for p in self.engine.module.parameters() if p.requires_grad),
+            # ZeRO-3 leaves each parameter's module tensor empty; `ds_numel` is its whole size.
+            "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters()
+                                        if p.requires_grad),
             "config": config_to_dict(self.config),
         }
         (self.output / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -203,7 +212,7 @@ class Trainer:
     def validate(self) -> None:
         """Held-out loss and (main rank) the image grid, from the weights as they are now."""
         validate(self.engine.module, self.setup, self.validation, self.metrics, self.step, is_main=self.dist.is_main,
-                 sharded=self.ds_config["zero_optimization"].get("stage", 0) == 3)
+                 sharded=self.sharded)
 
 
 def _mean_over_ranks(value: float, device: torch.device) -> float:

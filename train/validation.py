@@ -65,10 +65,12 @@ def _square_bucket(buckets: tuple[Bucket, ...]) -> Bucket:
 
 @torch.no_grad()
 def image_grid(model: torch.nn.Module, setup: StepSetup, buckets: tuple[Bucket, ...], prompts: list[str],
-               embeds: dict[str, torch.Tensor]) -> np.ndarray | None:
+               embeds: dict[str, torch.Tensor], *, decode: bool = True) -> np.ndarray | None:
     """Denoise the cached validation prompts with `model`'s current weights; returns an HxWx3 uint8 grid.
 
-    One image per prompt at the squarest of the cache's `buckets`, seeded per prompt.
+    One image per prompt at the squarest of the cache's `buckets`, seeded per prompt. `decode=False`
+    runs the denoiser's calls only and returns None: what the other ranks do under ZeRO-3, where every
+    forward gathers the partitioned weights collectively, so every rank must make the same calls.
     """
     if not prompts:
         return None
@@ -92,6 +94,8 @@ def image_grid(model: torch.nn.Module, setup: StepSetup, buckets: tuple[Bucket, 
         out = pipe(**setup.adapter.prompt_kwargs(one, empty), height=h, width=w,
                    num_inference_steps=setup.config.train.validation_inference_steps, output_type="latent",
                    generator=torch.Generator(device="cpu").manual_seed(VALIDATION_SEED + i), **extra)
+        if not decode:
+            continue
         # Decode in fp32 ourselves: pipelines only upcast fp16 VAEs, and bf16 latents meet an fp32 VAE here.
         latents = out.images.float() / setup.scaling_factor
         if setup.shift_factor is not None:
@@ -99,7 +103,7 @@ def image_grid(model: torch.nn.Module, setup: StepSetup, buckets: tuple[Bucket, 
         pixels = vae.decode(latents).sample[0].clamp(-1, 1)
         images.append(((pixels.permute(1, 2, 0).float().cpu().numpy() + 1) * 127.5).round().astype(np.uint8))
     model.train(was_training)
-    return np.concatenate(images, axis=1)
+    return np.concatenate(images, axis=1) if images else None
 
 
 def _call_args(pipe: object) -> set[str]:
@@ -113,18 +117,17 @@ def validate(model: torch.nn.Module, setup: StepSetup, data: ValidationData, met
     """Log the held-out loss (every rank computes it) and, on the main rank, save and log the image grid.
 
     `model` is the bare module being trained (not the DeepSpeed engine); `sharded` says its weights are
-    partitioned over ranks (ZeRO-3), where one rank cannot render images.
+    partitioned over ranks (ZeRO-3). Then each forward pass gathers the weights from all ranks, so every
+    rank runs the same held-out batches and the same denoising steps (the same calls, in the same order),
+    and only the main rank decodes and writes the grid.
     """
     loss = held_out_loss(model, setup, data.reader, data.held_out, setup.config.train.micro_batch_size)
     if loss is not None:
         metrics.scalar("val/loss", loss, step)
-    if not is_main:
+    if not is_main and not sharded:
         return
-    if sharded:
-        log.warning("validation images need the full weights on one rank; skipped under ZeRO-3")
-        return
-    grid = image_grid(model, setup, data.reader.spec.buckets, data.prompts, data.embeds)
-    if grid is None:
+    grid = image_grid(model, setup, data.reader.spec.buckets, data.prompts, data.embeds, decode=is_main)
+    if grid is None or not is_main:
         return
     from PIL import Image
 
