@@ -21,12 +21,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from latentforge.devkit.esrgan_weights import basicsr_keys
 
 MARKER = "gpu_check_assets.json"
 ASSETS_VERSION = 1  # bump when what is written changes, so reruns on a warm machine rebuild
@@ -127,23 +128,6 @@ def _build_real_sdxl(out: Path, device: str) -> dict[str, Any]:
 
 
 # ---- Real-ESRGAN -----------------------------------------------------------------------------------------
-def _basicsr_keys(old: dict[str, Any]) -> dict[str, Any]:
-    """spandrel's old-arch RRDBNet keys -> the basicsr names `RealESRGAN_x4plus.pth` uses (as tests/test_upscale)."""
-    fixed = {"model.0": "conv_first", "model.3": "conv_up1", "model.6": "conv_up2", "model.8": "conv_hr",
-             "model.10": "conv_last"}
-    new = {}
-    for key, value in old.items():
-        stem, kind = key.rsplit(".", 1)
-        if m := re.fullmatch(r"model\.1\.sub\.(\d+)\.RDB(\d)\.conv(\d)\.0", stem):
-            name = f"body.{m[1]}.rdb{m[2]}.conv{m[3]}"
-        elif re.fullmatch(r"model\.1\.sub\.\d+", stem):
-            name = "conv_body"
-        else:
-            name = fixed[stem]
-        new[f"{name}.{kind}"] = value
-    return new
-
-
 def write_esrgan(workdir: Path, tiny: bool) -> tuple[Path, dict[str, Any]]:
     """RRDBNet x4 with random weights as `{"params_ema": ...}`: Real-ESRGAN x4plus sizes (64 filters, 23
     blocks, 16.7 M parameters); --tiny: 16 filters, 2 blocks, so the CPU run stays short."""
@@ -156,7 +140,7 @@ def write_esrgan(workdir: Path, tiny: bool) -> tuple[Path, dict[str, Any]]:
         torch.manual_seed(0)
         net = ESRGAN(in_nc=3, out_nc=3, num_filters=filters, num_blocks=blocks, scale=4)
         tmp = path.with_suffix(".tmp")
-        torch.save({"params_ema": _basicsr_keys(net.state_dict())}, tmp)
+        torch.save({"params_ema": basicsr_keys(net.state_dict())}, tmp)
         os.replace(tmp, path)
     return path, {"path": str(path), "architecture": f"RRDBNet x4, {filters} filters, {blocks} blocks, random weights",
                   "bytes": path.stat().st_size}

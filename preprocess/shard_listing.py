@@ -21,11 +21,11 @@ from fsspec.core import strip_protocol, url_to_fs
 
 from latentforge.shared.cache_format import group_id, virtual_shard_name
 from latentforge.shared.config import SourceConfig
+from latentforge.shared.secrets import redact_url
 
 from .source_checks import (
     IMAGE_EXTS,
     identity_hash,
-    redact_url,
     sanitise_name,
     stat_facts,
     transport_errors,

@@ -52,7 +52,6 @@ _OPS: dict[str, Callable[[Any, Any], bool]] = {
 # Stat fields that identify a file version; a whitelist, so nothing else (never a signed URL) leaks in.
 _STAT_KEYS = ("size", "mtime", "ETag", "etag", "LastModified", "Last-Modified", "Content-MD5", "VersionId",
               "generation", "md5Hash")
-_SECRET_PARAM = re.compile(r"sig|token|key|secret|credential|password|auth", re.IGNORECASE)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _TAR_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tar")
 
@@ -121,21 +120,6 @@ def check_filters(filters: list[MetadataFilter], meta: Mapping[str, Any]) -> tup
         if not ok:
             return "filtered", f"{f.field}={value!r} fails {f.op} {f.value!r}"
     return None
-
-
-def redact_url(url: str) -> str:
-    """A URL safe to log or store: userinfo and credential-like query values replaced by ***."""
-    if "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    host, slash, path = rest.partition("/")
-    if "@" in host:
-        host = "***@" + host.rsplit("@", 1)[1]
-    path, q, query = path.partition("?")
-    if query:
-        params = [p.partition("=") for p in query.split("&")]
-        query = "&".join(k + eq + ("***" if _SECRET_PARAM.search(k) else v) for k, eq, v in params)
-    return f"{scheme}://{host}{slash}{path}{q}{query}"
 
 
 def stat_facts(info: Mapping[str, Any]) -> dict[str, Any]:

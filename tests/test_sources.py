@@ -20,9 +20,9 @@ from reliability_support import write_tar
 from sources_support import SECRET, b2, make_folder, make_source, read_all, sample
 
 from latentforge.devkit.demo_data import CAPTIONS, DemoDataSummary, write_demo_data
-from latentforge.preprocess.source_checks import redact_url
 from latentforge.preprocess.sources import SkipCounter, iter_shard, list_shards
 from latentforge.shared.cache_format import check_group_id
+from latentforge.shared.secrets import redact_url
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import re
 from pathlib import Path
 
 import numpy as np
@@ -20,26 +19,10 @@ from PIL import Image
 from spandrel.architectures.ESRGAN import ESRGAN
 from spandrel.architectures.GFPGAN import GFPGAN
 
+from latentforge.devkit.esrgan_weights import basicsr_keys
 from latentforge.preprocess.upscale import Upscaler
 
 LOGGER = "latentforge.preprocess.upscale"
-
-
-def _basicsr_keys(old: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """spandrel's old-arch RRDBNet keys -> the basicsr names used in RealESRGAN_x4plus.pth."""
-    fixed = {"model.0": "conv_first", "model.3": "conv_up1", "model.6": "conv_up2", "model.8": "conv_hr",
-             "model.10": "conv_last"}  # fmt: skip
-    new = {}
-    for key, value in old.items():
-        stem, kind = key.rsplit(".", 1)
-        if m := re.fullmatch(r"model\.1\.sub\.(\d+)\.RDB(\d)\.conv(\d)\.0", stem):
-            name = f"body.{m[1]}.rdb{m[2]}.conv{m[3]}"
-        elif re.fullmatch(r"model\.1\.sub\.\d+", stem):
-            name = "conv_body"
-        else:
-            name = fixed[stem]
-        new[f"{name}.{kind}"] = value
-    return new
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +34,7 @@ def esrgan_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # last conv makes the output depend visibly on its input (the tile_pad=0 check below proves it).
     state["model.10.weight"] *= 8
     state["model.10.bias"].fill_(0.5)
-    state = _basicsr_keys(state)
+    state = basicsr_keys(state)
     assert {"conv_first.weight", "body.1.rdb3.conv5.bias", "conv_body.weight", "conv_last.weight"} <= set(
         state
     )
