@@ -67,7 +67,8 @@ SOURCES: dict[str, str] = {
                    "gathered in bf16 (up to stage3_max_live_parameters = 1e9 may be live)",
     "cpu_adam": f"{DS}ops/adam/cpu_adam.py:157-164 exp_avg + exp_avg_sq in fp32 (fp32_optimizer_states=True)",
     "cpu_lion": f"{DS}ops/lion/cpu_lion.py:117-124 allocates exp_avg AND exp_avg_sq in fp32 (only exp_avg is used)",
-    "ema": "train/ema.py: train.ema keeps an fp32 shadow of the trainable parameters on rank 0's device",
+    "ema": "train/ema.py: train.ema keeps an fp32 shadow of the trainable parameters on rank 0's device "
+           "(ZeRO 0-2); under ZeRO-3 each rank keeps the fp32 shadow of its own partition",
 }
 NOTES: dict[str, str] = {
     "flat": "under ZeRO >= 1 the optimizer sees one flat 1-D fp32 tensor per rank: Adafactor is not factored "

@@ -5,26 +5,19 @@ it to the commit it names once, before any model loads, and then loads every enc
 weights the tensors came from are the ones the fingerprint records (`cache_format.MODEL_COMMIT`), even if
 the branch moves while the job runs, and a branch that has moved since makes the next run re-cache.
 
-Resolution goes through the hub client's own cache, so `HF_HOME` / `HF_HUB_CACHE` and `HF_HUB_OFFLINE`
-behave as for any `from_pretrained`: offline, `refs/<revision>` of the local cache names the commit;
-online, the hub is asked (and only the repo's small marker file is fetched).
+Resolution itself (`shared.hub_revision`) is shared with the trainer, which checks the commit it trains
+against the one the cache records.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from latentforge.shared.config import Config, ConfigError
+from latentforge.shared.config import Config
+from latentforge.shared.hub_revision import DEFAULT_REVISION, PIPELINE_MARKER, VAE_MARKER, resolve_commit
 from latentforge.shared.model_check import folder_location, hub_location, model_location_doc
-
-DEFAULT_REVISION = "main"
-# The file every repo of the kind has at its top: it is what gets fetched to learn the commit.
-PIPELINE_MARKER, VAE_MARKER = "model_index.json", "config.json"
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 @dataclass(frozen=True)
@@ -78,28 +71,6 @@ def resolve_source(value: str, revision: str | None, marker: str, key: str) -> M
         return ModelSource(value, folder=os.path.abspath(value))
     rev = revision or DEFAULT_REVISION
     return ModelSource(value, hub_id=value, revision=rev, commit=resolve_commit(value, rev, marker, key))
-
-
-def resolve_commit(hub_id: str, revision: str, marker: str, key: str) -> str:
-    """The commit hash `revision` of hub repo `hub_id` names, from the hub client's cache (offline) or the
-    hub (online, fetching `marker` into the cache). The file lands in `snapshots/<commit>/`, which is how
-    the client itself tells which commit a branch or tag pointed to."""
-    if _COMMIT.match(revision):  # already a commit: nothing can move
-        return revision
-    from huggingface_hub import hf_hub_download
-
-    try:
-        path = Path(hf_hub_download(hub_id, marker, revision=revision))
-    except Exception as exc:  # the client's errors (offline miss, unknown repo/revision, network) vary by version
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise ConfigError(f"config error: {key}: cannot resolve revision {revision!r} of hub model {hub_id!r} "
-                          f"to a commit ({type(exc).__name__}: {first})") from None
-    commit = path.parent.name
-    if not _COMMIT.match(commit):
-        raise ConfigError(f"config error: {key}: the hub client put {marker} of {hub_id!r} at {path}, not in a "
-                          "snapshots/<commit> folder; cannot tell which commit revision "
-                          f"{revision!r} names")
-    return commit
 
 
 def resolve_model_sources(config: Config) -> ModelSources:

@@ -117,11 +117,11 @@ class CacheReader:
             if have != width:
                 raise describe_mismatch(f"{name} width", have, width, self.url)
 
-    def check_model_files(self, pretrained: str, vae: str | None = None) -> None:
+    def check_model_files(self, pretrained: str, vae: str | None = None, revision: str | None = None) -> None:
         """Raise `CacheMismatchError` when the model a run trains with holds encoder weights other than
         those the cache was made with (same widths, other VAE or text encoder: `check_compatible` cannot
         tell); see `model_check.check_model_files`."""
-        check_model_files(self.spec, self.url, pretrained, vae)
+        check_model_files(self.spec, self.url, pretrained, vae, revision)
 
     # ---- reading rows -------------------------------------------------------------------------------
     def locate(self, bucket: tuple[int, int], rows: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:

@@ -62,6 +62,13 @@ class ModelConfig(_Section):
         default=None, description="Optional separate VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix."
     )
 
+    def pins(self, *, weights: bool = True) -> dict[str, str]:
+        """`revision` (and with `weights`, `variant`) to pass to `from_pretrained` / `load_config` of the
+        `pretrained` repo, so every component of a run (denoiser, validation VAE and scheduler, export)
+        loads the same revision; empty when neither is set. Not for a separate `vae` (another repo)."""
+        pins = {"revision": self.revision, "variant": self.variant if weights else None}
+        return {k: v for k, v in pins.items() if v}
+
 
 class MetadataFilter(_Section):
     field: str = Field(description="Key in the sample's json metadata, e.g. aesthetic_score.")

@@ -28,11 +28,13 @@ from .cache_format import (
     MODEL_REVISION,
     MODEL_TEXT,
     MODEL_VAE,
+    CacheMismatchError,
     CacheSpec,
     describe_mismatch,
     recorded_model_parts,
 )
 from .file_hash import sha256_file
+from .hub_revision import DEFAULT_REVISION, PIPELINE_MARKER, VAE_MARKER, resolve_commit
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -89,26 +91,45 @@ def differing_files(recorded: Mapping[str, Any], base: Path, strip: str = "", *,
     return out
 
 
-def check_model_files(spec: CacheSpec, cache_url: str, pretrained: str, vae: str | None = None) -> None:
+def check_model_files(spec: CacheSpec, cache_url: str, pretrained: str, vae: str | None = None,
+                      revision: str | None = None) -> None:
     """Raise `CacheMismatchError` (one line) when `pretrained` (and `vae`, a separate VAE) hold encoder
-    weights other than those the cache at `cache_url` was made with. Compares sha256 of the weight files
-    (`*.safetensors`, `*.bin`) both sides have: the folder's `vae/` (or `vae`) and `text_encoder*/`. What
-    one side lacks (a training folder without text encoders, a hub id) is not compared, and hub ids are
-    compared by id only."""
+    weights other than those the cache at `cache_url` was made with. Local folders: compares sha256 of the
+    weight files (`*.safetensors`, `*.bin`) both sides have: the folder's `vae/` (or `vae`) and
+    `text_encoder*/`; what one side lacks (a training folder without text encoders) is not compared. Hub
+    ids: the id, and the commit `revision` (the pipeline's; a separate VAE repo is taken at its default
+    branch) resolves to now against the commit the cache recorded, so a branch that moved since the cache
+    was made is caught (the error names the commit to pin)."""
     parts = recorded_model_parts(spec)
     if MODEL_VAE in parts:
         source = vae or pretrained
         # The cache names a pipeline's VAE files "vae/<file>" and a separate VAE's "<file>".
         base = Path(source) if vae else Path(pretrained) / "vae"
-        _compare_part("VAE", parts[MODEL_VAE], source, base, "vae/", cache_url)
+        pin = (DEFAULT_REVISION, VAE_MARKER) if vae else (revision or DEFAULT_REVISION, PIPELINE_MARKER)
+        _compare_part("VAE", parts[MODEL_VAE], source, pin, base, "vae/", cache_url)
     if MODEL_TEXT in parts:
-        _compare_part("text encoder", parts[MODEL_TEXT], pretrained, Path(pretrained), "", cache_url)
+        pin = (revision or DEFAULT_REVISION, PIPELINE_MARKER)
+        _compare_part("text encoder", parts[MODEL_TEXT], pretrained, pin, Path(pretrained), "", cache_url)
 
 
-def _compare_part(what: str, recorded: Mapping[str, Any], source: str, base: Path, strip: str, cache_url: str) -> None:
+def _compare_part(what: str, recorded: Mapping[str, Any], source: str, pin: tuple[str, str], base: Path, strip: str,
+                  cache_url: str) -> None:
+    """`pin`: (revision, marker file) a hub `source` is resolved with."""
     if MODEL_HUB_ID in recorded:
-        if not os.path.isdir(source) and recorded[MODEL_HUB_ID] != source:
+        if os.path.isdir(source):
+            return  # a local copy of the hub model: nothing recorded to compare it with
+        if recorded[MODEL_HUB_ID] != source:
             raise describe_mismatch(f"{what} (hub id)", recorded[MODEL_HUB_ID], source, cache_url)
+        made_at = recorded.get(MODEL_COMMIT)
+        if isinstance(made_at, str):
+            rev, marker = pin
+            now = resolve_commit(source, rev, marker, "model.revision")
+            if now != made_at:
+                raise CacheMismatchError(
+                    f"cache {cache_url} does not fit the model: {what} of {source} was cached at commit {made_at} "
+                    f"(revision {recorded.get(MODEL_REVISION)!r}), but revision {rev!r} now names {now}; set "
+                    f"model.revision={made_at} to train on the weights the cache was made with, or re-run the "
+                    "cache job")
         return
     if not base.is_dir():
         return

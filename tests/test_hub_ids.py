@@ -215,10 +215,27 @@ def test_revision_variant_and_separate_vae_select_their_commits(hf_home, main_ca
         for r in readers:
             r.close()
 
-    # The trainer loads the UNet of the fp16 commit (variant files only) and accepts the cache.
-    run_ok(["train", "--config", str(DEMO), *args, "train.max_steps=2", "train.checkpoint_every=100",
-            "train.validation_every=0", "train.held_out_fraction=0", "train.num_workers=0", FP32_ZERO2],
-           tmp_path / "train-log", hf_home)
+    # The trainer loads the UNet of the fp16 commit (variant files only), accepts the cache, and its
+    # validation scheduler comes from that commit too.
+    run = tmp_path / "run"
+    run_ok(["train", "--config", str(DEMO), *args, "train.max_steps=2", "train.checkpoint_every=2",
+            "train.validation_every=2", "train.validation_inference_steps=1", "train.held_out_fraction=0",
+            "train.num_workers=0", FP32_ZERO2], tmp_path / "train-log", hf_home)
+    assert (run / "validation" / "step-00000002.png").is_file()
+
+    # Export takes the other components from the run's revision and variant (they exist only there).
+    export = tmp_path / "export"
+    run_ok(["export", str(run), "--out", str(export)], tmp_path / "export-log", hf_home)
+    info = json.loads((export / "latentforge_export.json").read_text())
+    assert (info["base"], info["revision"], info["variant"]) == (HUB_ID, "fp16", "fp16")
+    single = tmp_path / "single.safetensors"
+    run_ok(["export", str(run), "--single-file", "--with-vae", "--out", str(single)], tmp_path / "single-log", hf_home)
+    from safetensors import safe_open
+
+    with safe_open(str(single), "pt") as f:
+        meta = json.loads(f.metadata()["latentforge.export"])
+        assert (meta["base"], meta["revision"]) == (HUB_ID, "fp16") and any(k.startswith("first_stage_model.")
+                                                                             for k in f.keys())
 
 
 @pytest.mark.slow
@@ -231,6 +248,14 @@ def test_moved_branch_recaches(hf_home, tiny_sdxl, demo_data, tmp_path):
     assert before["fingerprint_inputs"][FP_MODEL][MODEL_TEXT][MODEL_COMMIT] == MAIN
 
     add_snapshot(home / "hub", HUB_ID, tiny_sdxl, MAIN_MOVED, ("main",))  # a new commit on main
+    # The trainer sees main now names another commit than the cache's, and names the commit to pin.
+    train = ["train", "--config", str(DEMO), *run_args(demo_data, cache, tmp_path / "run"), "train.max_steps=1",
+             "train.num_workers=0", FP32_ZERO2]
+    rc, _, err = run_cli(train, tmp_path / "stale", hub_env(home))
+    assert rc != 0 and f"was cached at commit {MAIN}" in err and f"model.revision={MAIN}" in err, err[-2000:]
+    run_ok([*train, f"model.revision={MAIN}", "train.checkpoint_every=100", "train.validation_every=0",
+            "train.held_out_fraction=0"], tmp_path / "pinned", home)
+
     run_ok(args, tmp_path / "moved", home)
     after = cache_json(cache)
     assert after["fingerprint_inputs"][FP_MODEL][MODEL_TEXT][MODEL_COMMIT] == MAIN_MOVED

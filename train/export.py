@@ -19,6 +19,7 @@ import torch
 
 from .checkpoint import COMPLETE, find_checkpoint
 from .checkpoint_weights import DTYPES, read_trainer_state, trained_state_dict
+from .export_base import export_base
 from .families import adapter_for
 from .single_file import export_checkpoint_single_file, export_single_file
 
@@ -30,7 +31,7 @@ def export_pipeline(checkpoint: Path, out: Path, *, use_ema: bool = False, dtype
     """Write the pipeline folder (LoRA runs: the adapter folder, or with `merge` a merged pipeline)."""
     state = read_trainer_state(checkpoint)
     model_cfg = state["config"]["model"]
-    base = base or model_cfg["pretrained"]
+    base, pins = export_base(model_cfg, base)
     adapter = adapter_for(model_cfg["family"])
     import diffusers
 
@@ -38,40 +39,43 @@ def export_pipeline(checkpoint: Path, out: Path, *, use_ema: bool = False, dtype
     weights = trained_state_dict(checkpoint, use_ema)
     pipe_cls = getattr(diffusers, adapter.pipeline_class)
     if state["config"]["train"].get("lora", {}).get("enabled"):
-        model = _lora_model(model_cls, base, adapter.model_subfolder, state, weights, checkpoint)
+        model = _lora_model(model_cls, base, pins, adapter.model_subfolder, state, weights, checkpoint)
         if not merge:
             return _save_lora(pipe_cls, adapter.model_subfolder, model, out, state, checkpoint, use_ema)
         model.fuse_lora()  # fold the low-rank update into the base weights, then drop the adapters
         model.unload_lora()
     else:
-        model = model_cls.from_config(model_cls.load_config(base, subfolder=adapter.model_subfolder))
+        model = model_cls.from_config(model_cls.load_config(base, subfolder=adapter.model_subfolder,
+                                                            revision=pins.get("revision")))
         missing, unexpected = model.load_state_dict(weights, strict=False)
         if unexpected or (missing and not use_ema):
             raise RuntimeError(f"{checkpoint}: weights do not fit {adapter.model_class} of {base} "
                                f"(missing {len(missing)}, unexpected {len(unexpected)})")
     try:
-        pipe = pipe_cls.from_pretrained(base, **{adapter.model_subfolder: model.to(DTYPES[dtype])}, torch_dtype=DTYPES[dtype])
+        pipe = pipe_cls.from_pretrained(base, **{adapter.model_subfolder: model.to(DTYPES[dtype])},
+                                        torch_dtype=DTYPES[dtype], **pins)
     except (OSError, ValueError, TypeError) as exc:
         raise FileNotFoundError(f"export needs the full base pipeline ({base}) for the other components; "
                                 f"pass --base with one ({exc.__class__.__name__}: {str(exc)[:160]})") from None
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
     pipe.save_pretrained(tmp, safe_serialization=True)
     (tmp / "latentforge_export.json").write_text(json.dumps(
-        {"checkpoint": str(checkpoint), "step": state["step"], "ema": use_ema, "dtype": dtype, "base": base}, indent=2))
+        {"checkpoint": str(checkpoint), "step": state["step"], "ema": use_ema, "dtype": dtype, "base": base, **pins},
+        indent=2))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
     return out
 
 
-def _lora_model(model_cls: Any, base: str, subfolder: str, state: dict[str, Any], weights: dict[str, torch.Tensor],
-                checkpoint: Path) -> Any:
+def _lora_model(model_cls: Any, base: str, pins: dict[str, str], subfolder: str, state: dict[str, Any],
+                weights: dict[str, torch.Tensor], checkpoint: Path) -> Any:
     """The base model with the run's LoRA layers, loaded with the trained adapter weights."""
     from latentforge.shared.config import Config
 
     from .lora import add_lora
 
-    model = model_cls.from_pretrained(base, subfolder=subfolder, torch_dtype=torch.float32)
+    model = model_cls.from_pretrained(base, subfolder=subfolder, torch_dtype=torch.float32, **pins)
     add_lora(model, Config.model_validate(state["config"]))
     lora = {k: v for k, v in weights.items() if "lora_" in k}
     _, unexpected = model.load_state_dict(lora, strict=False)

@@ -75,6 +75,9 @@ def _prodigy(params: list[torch.nn.Parameter], config: Config, lr: float) -> tor
     # must then be summed over ranks (its `fsdp_in_use`), or every rank would learn its own step size.
     sharded = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 and \
         int(config.deepspeed.get("zero_optimization", {}).get("stage", 0)) >= 1
+    if sharded and not torch.cuda.is_available():
+        raise ConfigError("train.optimizer=prodigy under ZeRO >= 1 with several processes needs CUDA (prodigyopt sums "
+                          "its step-size estimate over ranks in a CUDA tensor); on CPU use one process or ZeRO stage 0")
     kwargs = {"lr": lr, "betas": tuple(t.adam_betas), "eps": t.adam_eps, "weight_decay": t.weight_decay,
               "use_bias_correction": True, "safeguard_warmup": t.warmup_steps > 0, "fsdp_in_use": sharded}
     return Prodigy(params, **{**kwargs, **t.optimizer_args})

@@ -42,6 +42,7 @@ import torch
 from latentforge.shared.config import ConfigError
 
 from .checkpoint_weights import DTYPES, read_trainer_state, trained_state_dict
+from .export_base import export_base, local_pipeline_folder
 from .families import adapter_for
 
 UNET_PREFIX = "model.diffusion_model."
@@ -221,14 +222,14 @@ def pipeline_family(folder: str | Path) -> str:
     raise SingleFileError(f"{folder}: {cls or 'unknown pipeline'}; single-file export supports SDXL and SD 1.x")
 
 
-def _load(folder: Path, subfolder: str, cls_name: str, why: str) -> Any:
+def _load(folder: Path, subfolder: str, cls_name: str, why: str, variant: str | None = None) -> Any:
     if not (folder / subfolder).is_dir():
         raise FileNotFoundError(f"{folder} has no {subfolder}/ for {why}; pass --base with a full pipeline folder")
     import diffusers
     import transformers
 
     cls = getattr(diffusers, cls_name, None) or getattr(transformers, cls_name)
-    return cls.from_pretrained(folder, subfolder=subfolder, dtype=torch.float32)
+    return cls.from_pretrained(folder, subfolder=subfolder, dtype=torch.float32, **({"variant": variant} if variant else {}))
 
 
 def assemble(family: str, unet_state: Mapping[str, torch.Tensor], unet_config: Mapping[str, Any], *,
@@ -278,10 +279,12 @@ def assemble(family: str, unet_state: Mapping[str, torch.Tensor], unet_config: M
 
 
 def original_state_dict(pipeline: str | Path, *, unet_state: Mapping[str, torch.Tensor] | None = None,
-                        with_vae: bool = False, with_text_encoders: bool = False) -> tuple[dict[str, torch.Tensor], str]:
+                        with_vae: bool = False, with_text_encoders: bool = False,
+                        variant: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """(the single-file state dict at the models' own precision, family) from a diffusers pipeline folder.
 
-    `unet_state` replaces the pipeline's UNet weights (the trained ones); other parts come from `pipeline`.
+    `unet_state` replaces the pipeline's UNet weights (the trained ones); other parts come from `pipeline`
+    (its `variant` weight files when given).
     """
     from diffusers import UNet2DConditionModel
 
@@ -289,16 +292,17 @@ def original_state_dict(pipeline: str | Path, *, unet_state: Mapping[str, torch.
     family = pipeline_family(folder)
     unet_config = UNet2DConditionModel.load_config(folder, subfolder="unet")
     if unet_state is None:
-        unet_state = _load(folder, "unet", "UNet2DConditionModel", "the UNet").state_dict()
+        unet_state = _load(folder, "unet", "UNet2DConditionModel", "the UNet", variant).state_dict()
     vae = None
     if with_vae:
-        vae_model = _load(folder, "vae", "AutoencoderKL", "--with-vae")
+        vae_model = _load(folder, "vae", "AutoencoderKL", "--with-vae", variant)
         vae = (vae_model.state_dict(), vae_model.config)
     text_encoders, width_2 = None, None
     if with_text_encoders:
-        text_encoders = (_load(folder, "text_encoder", "CLIPTextModel", "--with-text-encoders").state_dict(),)
+        text_encoders = (_load(folder, "text_encoder", "CLIPTextModel", "--with-text-encoders", variant).state_dict(),)
         if TEXT_PREFIXES[family][1]:
-            te2 = _load(folder, "text_encoder_2", "CLIPTextModelWithProjection", "--with-text-encoders")
+            te2 = _load(folder, "text_encoder_2", "CLIPTextModelWithProjection", "--with-text-encoders",
+                        variant)
             text_encoders, width_2 = (*text_encoders, te2.state_dict()), te2.config.hidden_size
     return assemble(family, unet_state, unet_config, vae=vae, text_encoders=text_encoders,
                     text_hidden_size_2=width_2), family
@@ -335,13 +339,13 @@ def write_single_file(state: Mapping[str, torch.Tensor], out: Path, dtype: str,
 
 def export_single_file(pipeline: str | Path, out: str | Path, *, unet_state: Mapping[str, torch.Tensor] | None = None,
                        with_vae: bool = False, with_text_encoders: bool = False, dtype: str = "fp16",
-                       info: Mapping[str, Any] | None = None) -> Path:
+                       info: Mapping[str, Any] | None = None, variant: str | None = None) -> Path:
     """Write `out` (.safetensors) from a diffusers pipeline folder, optionally with trained UNet weights."""
     out = Path(out)
     if out.suffix != ".safetensors":
         raise SingleFileError(f"--out {out}: a single-file export is one .safetensors file")
     state, family = original_state_dict(pipeline, unet_state=unet_state, with_vae=with_vae,
-                                        with_text_encoders=with_text_encoders)
+                                        with_text_encoders=with_text_encoders, variant=variant)
     components = ["unet"] + (["vae"] if with_vae else []) + (["text_encoders"] if with_text_encoders else [])
     metadata = {"format": "pt", "latentforge.family": family, "latentforge.components": ",".join(components),
                 "latentforge.export": json.dumps({"source": str(pipeline), "dtype": dtype, **(info or {})})}
@@ -357,23 +361,27 @@ def export_checkpoint_single_file(checkpoint: Path, out: str | Path, *, use_ema:
     """A training checkpoint's UNet (trained or EMA) as a single file; VAE/text encoders from the base pipeline."""
     state = read_trainer_state(checkpoint)
     model_cfg = state["config"]["model"]
-    base = base or model_cfg["pretrained"]
+    base, pins = export_base(model_cfg, base)
     adapter = adapter_for(model_cfg["family"])
     if adapter.model_class != "UNet2DConditionModel":
         raise SingleFileError(f"{adapter.model_class}: single-file export supports the SDXL and SD 1.x UNets")
+    parts = ("unet",) + (("vae",) if with_vae else ()) + (("text_encoder", "text_encoder_2") if with_text_encoders else ())
+    folder = local_pipeline_folder(base, pins, parts)
     import diffusers
 
     model_cls = getattr(diffusers, adapter.model_class)
     with torch.device("meta"):
-        expected = set(model_cls.from_config(model_cls.load_config(base, subfolder=adapter.model_subfolder)).state_dict())
+        expected = set(model_cls.from_config(model_cls.load_config(folder, subfolder=adapter.model_subfolder)).state_dict())
     weights = trained_state_dict(checkpoint, use_ema)
     missing, unexpected = expected - set(weights), set(weights) - expected
     if unexpected or (missing and not use_ema):
         raise RuntimeError(f"{checkpoint}: weights do not fit {adapter.model_class} of {base} "
                            f"(missing {len(missing)}, unexpected {len(unexpected)})")
     if missing:  # an EMA of the trainable subset: the frozen rest comes from the base model
-        base_state = model_cls.from_pretrained(base, subfolder=adapter.model_subfolder).state_dict()
+        base_state = model_cls.from_pretrained(folder, subfolder=adapter.model_subfolder,
+                                               **({"variant": pins["variant"]} if "variant" in pins else {})).state_dict()
         weights = {**{k: base_state[k] for k in missing}, **weights}
-    info = {"checkpoint": str(checkpoint), "step": state["step"], "ema": use_ema, "base": base}
-    return export_single_file(base, out, unet_state=weights, with_vae=with_vae,
-                              with_text_encoders=with_text_encoders, dtype=dtype, info=info)
+    info = {"checkpoint": str(checkpoint), "step": state["step"], "ema": use_ema, "base": base, **pins}
+    return export_single_file(folder, out, unet_state=weights, with_vae=with_vae,
+                              with_text_encoders=with_text_encoders, dtype=dtype, info=info,
+                              variant=pins.get("variant"))

@@ -36,7 +36,7 @@ def build_objective(config: Config, adapter: DenoiserAdapter, device: torch.devi
     from diffusers import DDPMScheduler
 
     t = config.train
-    sched_cfg = DDPMScheduler.load_config(config.model.pretrained, subfolder="scheduler")
+    sched_cfg = DDPMScheduler.load_config(config.model.pretrained, subfolder="scheduler", **config.model.pins(weights=False))
     steps = int(sched_cfg.get("num_train_timesteps", 1000))
     if adapter.objective == "flow":
         shift = t.flow_shift or float(sched_cfg.get("flow_shift") or sched_cfg.get("shift") or 1.0)

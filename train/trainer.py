@@ -68,7 +68,7 @@ class Trainer:
         self.adapter = adapter_for(config.model.family)
         model = self.adapter.load(config)
         self.cache.check_compatible(**self.adapter.expected_cache(model))
-        self.cache.check_model_files(config.model.pretrained, config.model.vae)
+        self.cache.check_model_files(config.model.pretrained, config.model.vae, config.model.revision)
         self.samples = CachedSamples(self.cache, config)
         self.global_batch = t.micro_batch_size * t.gradient_accumulation_steps * self.dist.world
         self.schedule = GlobalBucketSchedule(self.samples.bucket_sizes, self.global_batch, t.seed)

@@ -78,8 +78,9 @@ def image_grid(model: torch.nn.Module, setup: StepSetup, buckets: tuple[Bucket, 
 
     cfg = setup.config.model
     vae_cls = getattr(diffusers, family_facts(cfg.family).vae_class)
-    vae = vae_cls.from_pretrained(cfg.vae or cfg.pretrained, subfolder=None if cfg.vae else "vae").to(setup.device)
-    sched_cfg = diffusers.DDPMScheduler.load_config(cfg.pretrained, subfolder="scheduler")
+    vae_source = {} if cfg.vae else {"subfolder": "vae", **cfg.pins()}  # a separate VAE: its own repo's default
+    vae = vae_cls.from_pretrained(cfg.vae or cfg.pretrained, **vae_source).to(setup.device)
+    sched_cfg = diffusers.DDPMScheduler.load_config(cfg.pretrained, subfolder="scheduler", **cfg.pins(weights=False))
     scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
     was_training = model.training
     model.eval()

@@ -45,13 +45,9 @@ class DenoiserAdapter:
     def _load(self, config: Config) -> torch.nn.Module:
         import diffusers
 
-        kwargs: dict[str, Any] = {}
-        if config.model.revision:
-            kwargs["revision"] = config.model.revision
-        if config.model.variant:
-            kwargs["variant"] = config.model.variant
         cls = getattr(diffusers, self.model_class)
-        model = cls.from_pretrained(config.model.pretrained, subfolder=self.model_subfolder, torch_dtype=torch.float32, **kwargs)
+        model = cls.from_pretrained(config.model.pretrained, subfolder=self.model_subfolder, torch_dtype=torch.float32,
+                                    **config.model.pins())
         if config.train.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         if config.train.lora.enabled:
