@@ -44,7 +44,7 @@ from latentforge.shared.file_hash import sha256_file
 from latentforge.shared.preflight import check_model_paths
 
 from .dedupe import dedupe_across_shards, duplicate_owners_unchanged
-from .encoders import VaeEncoder, model_identity
+from .encoders import load_latent_encoder, model_identity
 from .families import load_text_encoder
 from .images import SkipSample
 from .model_source import pinned_config, resolve_model_sources
@@ -87,7 +87,7 @@ class CacheJob:
         self.sources = resolve_model_sources(config)
         pinned = pinned_config(config, self.sources)
         try:
-            self.vae = VaeEncoder(pinned, self.device, self.sources)
+            self.vae = load_latent_encoder(pinned, self.device, self.sources)
         except OSError as exc:
             raise _load_error("model.vae" if config.model.vae else "model.pretrained",
                               config.model.vae or config.model.pretrained, "VAE", exc) from None
@@ -96,7 +96,8 @@ class CacheJob:
         except OSError as exc:
             raise _load_error("model.pretrained", config.model.pretrained, "text encoders", exc) from None
         self.resolutions = buckets_by_resolution(config.buckets.resolutions, config.buckets.step,
-                                                 config.buckets.min_aspect, config.buckets.max_aspect)
+                                                 config.buckets.min_aspect, config.buckets.max_aspect,
+                                                 config.buckets.aspect_ratios)
         self.upscaler = Upscaler.from_config(config.upscale, self.device) if config.upscale.enabled else None
         self.spec = self._build_spec()
         self.writer = CacheWriter(config.cache.path, self.spec, dict(config.cache.storage_options), overwrite=overwrite)
@@ -118,7 +119,8 @@ class CacheJob:
                                text_dim=self.text.text_dim, pooled_dim=self.text.pooled_dim)
         return CacheSpec(
             family=cfg.model.family, fingerprint=compute_fingerprint(inputs), fields=fields,
-            buckets=generate_bucket_set(cfg.buckets.resolutions, cfg.buckets.step, cfg.buckets.min_aspect, cfg.buckets.max_aspect),
+            buckets=generate_bucket_set(cfg.buckets.resolutions, cfg.buckets.step, cfg.buckets.min_aspect, cfg.buckets.max_aspect,
+                                        cfg.buckets.aspect_ratios),
             latent_channels=self.vae.latent_channels, vae_downsample=self.vae.downsample,
             scaling_factor=self.vae.scaling_factor, shift_factor=self.vae.shift_factor,
             latent_mode=cfg.cache.latent_mode, store_dtype=cfg.cache.store_dtype, codec=cfg.cache.codec,

@@ -7,6 +7,7 @@ applying overrides and phrasing errors live in `config.py`; this module only dec
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -46,6 +47,17 @@ def credential_in_config(tree: Any) -> tuple[str | None, bool]:
     return None, False
 
 
+def parse_ratio(value: str | float) -> Fraction:
+    """An aspect ratio w / h written as a fraction ("9/16") or a number (0.5625), as an exact positive Fraction."""
+    try:
+        ratio = Fraction(str(value).strip())
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"buckets.aspect_ratios: {value!r} is not a ratio like 9/16 or 0.75") from None
+    if ratio <= 0:
+        raise ValueError(f"buckets.aspect_ratios: {value!r} must be positive")
+    return ratio
+
+
 class _Section(BaseModel):
     # Strict: a misspelt key must fail loudly, and "1e-5" in YAML must not silently become a string.
     model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
@@ -59,7 +71,12 @@ class ModelConfig(_Section):
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit) to pin.")
     variant: str | None = Field(default=None, description="Weight variant to load, e.g. fp16.")
     vae: str | None = Field(
-        default=None, description="Optional separate VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix."
+        default=None, description="Optional separate VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix; "
+        "stable_cascade: the folder or hub repo holding effnet_encoder.safetensors (stabilityai/StableCascade).",
+    )
+    decoder: str | None = Field(
+        default=None, description="stable_cascade: the Stage B + A pipeline for validation images (folder or hub id, "
+        "e.g. stabilityai/stable-cascade); default <pretrained>/decoder when that folder exists.",
     )
 
     def pins(self, *, weights: bool = True) -> dict[str, str]:
@@ -111,6 +128,12 @@ class BucketsConfig(_Section):
     step: int = Field(default=64, ge=8, description="Bucket sides are multiples of this (pixels).")
     min_aspect: float = Field(default=0.25, gt=0, description="Smallest width/height ratio of a bucket.")
     max_aspect: float = Field(default=4.0, gt=0, description="Largest width/height ratio of a bucket.")
+    aspect_ratios: list[str | float] | None = Field(
+        default=None,
+        description="Explicit bucket aspect ratios w/h (e.g. ['1/1', '9/16'], Stable Cascade's multi_aspect_ratio); "
+        "each and its reciprocal, area close to res**2, sides floored to step. Unset: every ratio in "
+        "[min_aspect, max_aspect].",
+    )
     min_resolution: int = Field(default=0, ge=0, description="Skip images whose shorter side is below this.")
     crop: Literal["center", "random"] = Field(
         default="center", description="Crop after cover-resize; random is seeded by the sample key."
@@ -123,6 +146,8 @@ class BucketsConfig(_Section):
         for r in self.resolutions:
             if r < self.step or r % self.step:
                 raise ValueError(f"resolutions: {r} must be a positive multiple of step ({self.step})")
+        for value in self.aspect_ratios or ():
+            parse_ratio(value)
         return self
 
 
@@ -202,8 +227,12 @@ class TimestepBiasConfig(_Section):
 class EmaConfig(_Section):
     enabled: bool = Field(default=False, description="Keep an exponential moving average of the trained weights (fp32).")
     decay: float = Field(default=0.9999, gt=0, lt=1, description="EMA decay per update.")
-    start_step: int = Field(default=0, ge=0, description="Optimizer step at which EMA updates begin.")
-    update_every: int = Field(default=1, ge=1, description="Update the EMA every N optimizer steps.")
+    start_step: int = Field(
+        default=0, ge=0,
+        description="Until this optimizer step (included) each update copies the weights; after it, it averages "
+        "with `decay` (Stable Cascade's ema_start_iters).",
+    )
+    update_every: int = Field(default=1, ge=1, description="Update the EMA every N optimizer steps (ema_iters).")
 
 
 class LoraSection(_Section):
@@ -253,6 +282,9 @@ class TrainConfig(_Section):
     flow_shift: float | None = Field(default=None, gt=0, description="Flow-matching shift; default the scheduler's.")
     logit_mean: float = Field(default=0.0, description="Mean of the logit-normal noise-level distribution.")
     logit_std: float = Field(default=1.0, gt=0, description="Std of the logit-normal noise-level distribution.")
+    gdf_shift: float = Field(
+        default=1.0, gt=0, description="Stable Cascade: GDF schedule shift (logSNR + 2 log(1/shift)); 1 as Stage C was trained."
+    )
     caption_dropout: float = Field(default=0.0, ge=0, le=1, description="Probability of training on the empty prompt.")
     micro_conditioning_dropout: float = Field(
         default=0.0, ge=0, le=1, description="Probability of zeroing SDXL's size/crop conditioning for a sample."
@@ -266,6 +298,11 @@ class TrainConfig(_Section):
     validation_inference_steps: int = Field(default=20, ge=1, description="Denoising steps for validation images.")
     checkpoint_every: int = Field(default=500, ge=1, description="Save a DeepSpeed checkpoint every N steps.")
     keep_last: int = Field(default=3, ge=1, description="Checkpoints to keep.")
+    backup_every: int = Field(
+        default=0, ge=0,
+        description="Also keep every checkpoint whose step is a multiple of this, outside the keep_last rotation "
+        "(Stable Cascade's backup_every; 0: off). Such a step is always checkpointed.",
+    )
     resume: str | None = Field(default=None, description="'latest', a checkpoint folder, or unset for a fresh run.")
     log_every: int = Field(default=10, ge=1, description="TensorBoard scalars every N steps.")
     num_workers: int = Field(default=2, ge=0, description="DataLoader worker processes reading the cache.")

@@ -25,7 +25,10 @@ class FamilyFacts:
     has_text_mask: bool  # the text embedding travels with an attention mask (T5, Gemma)
     micro_conditioning: bool  # SDXL-style add_time_ids from original size, crop and target size
     text_max_tokens: int  # tokens per prompt window the family was trained with
-    vae_class: str = "AutoencoderKL"  # diffusers autoencoder class (KL posterior, or SANA's deterministic DC-AE)
+    vae_class: str = "AutoencoderKL"  # diffusers autoencoder class (KL posterior, SANA's DC-AE), or Stable Cascade's
+    # EfficientNet Stage C encoder ("EfficientNetEncoder", ours: diffusers has none)
+    encoder_subfolder: str = "vae"  # where the latent encoder lives in the pipeline folder when model.vae is unset
+    encoder_marker: str = "config.json"  # the file a standalone latent-encoder repo (model.vae) has at its top
 
 
 FAMILY_FACTS: dict[str, FamilyFacts] = {
@@ -35,7 +38,13 @@ FAMILY_FACTS: dict[str, FamilyFacts] = {
     "pixart_sigma": FamilyFacts("pixart_sigma", 8, 64, has_pooled=False, has_text_mask=True, micro_conditioning=False, text_max_tokens=300),
     "sana": FamilyFacts("sana", 32, 32, has_pooled=False, has_text_mask=True, micro_conditioning=False, text_max_tokens=300,
                          vae_class="AutoencoderDC"),
+    # Stage C of Stable Cascade: 16-channel EfficientNetV2-S latents at 1/32 of the image (768 px -> 24x24),
+    # CLIP ViT-bigG last hidden state (77x1280) + pooled projection (1280).
+    "stable_cascade": FamilyFacts("stable_cascade", 32, 32, has_pooled=True, has_text_mask=False,
+                                   micro_conditioning=False, text_max_tokens=77, vae_class="EfficientNetEncoder",
+                                   encoder_subfolder="effnet", encoder_marker="effnet_encoder.safetensors"),
 }
+EFFNET_CLASS = "EfficientNetEncoder"
 
 
 def family_facts(family: str) -> FamilyFacts:
@@ -57,7 +66,8 @@ def cached_fields(
 ) -> tuple[FieldSpec, ...]:
     """The fields a cache of this family holds, in order."""
     facts = family_facts(family)
-    fields = [FieldSpec("latent_mean", (latent_channels, "h", "w"), store_dtype, "VAE posterior mean, unscaled")]
+    what = "EfficientNet Stage C latent" if facts.vae_class == EFFNET_CLASS else "VAE posterior mean, unscaled"
+    fields = [FieldSpec("latent_mean", (latent_channels, "h", "w"), store_dtype, what)]
     if latent_mode == "dist":
         fields.append(FieldSpec("latent_std", (latent_channels, "h", "w"), store_dtype, "VAE posterior std, unscaled"))
     fields.append(FieldSpec("prompt_embeds", (text_tokens, text_dim), store_dtype, "text-encoder hidden states"))

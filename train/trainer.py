@@ -180,7 +180,8 @@ class Trainer:
                     "train/epoch": float(self.state.epoch)})
             if t.validation_every and (self.step % t.validation_every == 0 or self.step == t.max_steps):
                 self.validate()
-            if self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
+            if (self.step % t.checkpoint_every == 0 or self.step == t.max_steps
+                    or (t.backup_every and self.step % t.backup_every == 0)):
                 self.save()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", **({"samples/s": f"{last['perf/samples_per_s']:.1f}"} if last else {}))
@@ -207,7 +208,8 @@ class Trainer:
 
     def save(self) -> Path:
         """Checkpoint the TrainState (collective: every rank calls it)."""
-        return save_checkpoint(self.train_state, self.config.train.output_dir, self.config.train.keep_last)
+        t = self.config.train
+        return save_checkpoint(self.train_state, t.output_dir, t.keep_last, t.backup_every)
 
     def validate(self) -> None:
         """Held-out loss and (main rank) the image grid, from the weights as they are now."""

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from latentforge.shared.cache_reader import CacheReader
-from latentforge.shared.families import family_facts
 
 from .metrics import Metrics
 from .step import StepSetup, forward_loss
@@ -74,43 +73,20 @@ def image_grid(model: torch.nn.Module, setup: StepSetup, buckets: tuple[Bucket, 
     """
     if not prompts:
         return None
-    import diffusers
-
-    cfg = setup.config.model
-    vae_cls = getattr(diffusers, family_facts(cfg.family).vae_class)
-    vae_source = {} if cfg.vae else {"subfolder": "vae", **cfg.pins()}  # a separate VAE: its own repo's default
-    vae = vae_cls.from_pretrained(cfg.vae or cfg.pretrained, **vae_source).to(setup.device)
-    sched_cfg = diffusers.DDPMScheduler.load_config(cfg.pretrained, subfolder="scheduler", **cfg.pins(weights=False))
-    scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
     was_training = model.training
     model.eval()
-    pipe = setup.adapter.validation_pipeline(model, vae, scheduler)
+    render = setup.adapter.validation_renderer(model, setup)
     h, w = _square_bucket(buckets)
     dev, dt = setup.device, setup.dtype
-    extra = {"use_resolution_binning": False} if "use_resolution_binning" in _call_args(pipe) else {}
     images = []
     for i in range(len(prompts)):
         one = {k: v[i:i + 1].to(dev, dt if v.is_floating_point() else v.dtype) for k, v in embeds.items()}
         empty = {k: v.to(dev, dt if v.is_floating_point() else v.dtype) for k, v in setup.empty.items()}
-        out = pipe(**setup.adapter.prompt_kwargs(one, empty), height=h, width=w,
-                   num_inference_steps=setup.config.train.validation_inference_steps, output_type="latent",
-                   generator=torch.Generator(device="cpu").manual_seed(VALIDATION_SEED + i), **extra)
-        if not decode:
-            continue
-        # Decode in fp32 ourselves: pipelines only upcast fp16 VAEs, and bf16 latents meet an fp32 VAE here.
-        latents = out.images.float() / setup.scaling_factor
-        if setup.shift_factor is not None:
-            latents = latents + setup.shift_factor
-        pixels = vae.decode(latents).sample[0].clamp(-1, 1)
-        images.append(((pixels.permute(1, 2, 0).float().cpu().numpy() + 1) * 127.5).round().astype(np.uint8))
+        image = render((h, w), one, empty, torch.Generator(device="cpu").manual_seed(VALIDATION_SEED + i), decode)
+        if image is not None:
+            images.append(image)
     model.train(was_training)
     return np.concatenate(images, axis=1) if images else None
-
-
-def _call_args(pipe: object) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(type(pipe).__call__).parameters)
 
 
 def validate(model: torch.nn.Module, setup: StepSetup, data: ValidationData, metrics: Metrics, step: int, *,
