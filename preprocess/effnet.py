@@ -67,14 +67,16 @@ def load_effnet_state(model: nn.Module, state: dict[str, torch.Tensor], source: 
     """Load `state` strictly; only BatchNorm's `num_batches_tracked` counters may be absent (unused in eval).
 
     A file in another layout is one line naming it and what did not fit."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    shapes = [k for k, v in state.items() if k in model.state_dict() and model.state_dict()[k].shape != v.shape]
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if missing or unexpected or shapes:
         first = (missing or unexpected or shapes)[0]
         raise ValueError(f"{source}: not an EfficientNet Stage C encoder in the effnet_encoder.safetensors layout "
-                         f"({len(missing)} missing, {len(unexpected)} unexpected, e.g. {first!r}); "
-                         "point model.vae at the released file's folder")
+                         f"({len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} of another shape, "
+                         f"e.g. {first!r}); point model.vae at the released file's folder")
+    model.load_state_dict(state, strict=False)
 
 
 def effnet_file(folder: Path) -> Path:
