@@ -63,6 +63,18 @@ def test_stable_cascade_cache_train_export_infer(tiny_cascade, demo_data, tmp_pa
     assert rows["latent_mean"].shape == (n, 16, bucket[0] // 32, bucket[1] // 32)
     assert tuple(rows["prompt_embeds"].shape[1:]) == (77, 32) and tuple(rows["pooled_prompt_embeds"].shape[1:]) == (32,)
 
+    # Another Stage C encoder than the cache's is refused, naming its file.
+    import shutil
+
+    from latentforge.devkit.tiny_cascade import save_tiny_effnet
+    from latentforge.shared.cache_format import CacheMismatchError
+
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_cascade, other)
+    save_tiny_effnet(other / "effnet", seed=7)
+    with pytest.raises(CacheMismatchError, match="effnet/effnet_encoder.safetensors"):
+        cache.check_model_files(str(other))
+
     trainer = Trainer(config)
     trainer.train()
     assert len(trainer.history) == 2 and all(np.isfinite(trainer.history))
