@@ -270,6 +270,9 @@ class TrainConfig(_Section):
     log_every: int = Field(default=10, ge=1, description="TensorBoard scalars every N steps.")
     num_workers: int = Field(default=2, ge=0, description="DataLoader worker processes reading the cache.")
     prefetch_factor: int = Field(default=4, ge=1, description="Batches each worker reads ahead.")
+    read_ahead: int | None = Field(
+        default=None, ge=0, description="Micro-batches each worker reads concurrently ahead (threads); unset: 16 "
+        "when cache.path is on an object store (hides its per-request latency), 0 on a local disk.")
 
 
 class Config(_Section):
