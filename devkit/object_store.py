@@ -8,6 +8,7 @@ overlap as they do against a real store. `fail` decides, per GET, whether to ans
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -48,6 +49,10 @@ class _Middleware:
             if self.server.latency_s:
                 time.sleep(self.server.latency_s)
             status = self.server.fail(environ.get("PATH_INFO", ""), n) if get and self.server.fail else None
+            if not status and get and environ.get("HTTP_RANGE"):
+                ranged = _range_response(environ, start_response)
+                if ranged is not None:
+                    return ranged
             if status:
                 with stats.lock:
                     stats.failed += 1
@@ -60,6 +65,42 @@ class _Middleware:
             if get:
                 with stats.lock:
                     stats.in_flight -= 1
+
+
+def _range_response(environ: dict[str, Any], start_response: Any) -> list[bytes] | None:
+    """Answer `GET /bucket/key` with `Range: bytes=a-b` from moto's stored object, reading only the range.
+
+    moto itself reads (and copies) the whole object for every range request: 60 MB per request for a
+    cache shard file, far more CPU than the request costs a real store, and it would measure moto rather
+    than the reader. The answer is the one S3 gives (206, Content-Range, ETag, Last-Modified). Anything
+    else (a suffix range, an unknown key) is left to moto, which answers it, errors included."""
+    from urllib.parse import unquote
+
+    from moto.core.models import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    unit, _, spec = environ["HTTP_RANGE"].partition("=")
+    first, _, last = spec.partition("-")
+    bucket, _, key = unquote(environ.get("PATH_INFO", "")).lstrip("/").partition("/")
+    if unit != "bytes" or not first.isdigit() or not last.isdigit() or not key:
+        return None
+    try:
+        obj = s3_backends[DEFAULT_ACCOUNT_ID]["aws"].get_object(bucket, key)
+    except Exception:  # noqa: BLE001 - moto's own answer (NoSuchKey...) is the right one
+        return None
+    if obj is None:
+        return None
+    begin, end = int(first), min(int(last), obj.size - 1)
+    if begin > end:
+        return None
+    with obj.lock:
+        obj._value_buffer.seek(begin)
+        data = obj._value_buffer.read(end - begin + 1)
+    start_response("206 Partial Content", [
+        ("Content-Type", "binary/octet-stream"), ("Content-Length", str(len(data))), ("Accept-Ranges", "bytes"),
+        ("Content-Range", f"bytes {begin}-{end}/{obj.size}"), ("ETag", obj.etag),
+        ("Last-Modified", obj.last_modified_RFC1123)])
+    return [data]
 
 
 class LoopbackS3:
@@ -80,6 +121,7 @@ class LoopbackS3:
         )
         from werkzeug.serving import make_server
 
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
         app = _Middleware(DomainDispatcherApplication(create_backend_app), self)
         self._server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=MotoRequestHandler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)

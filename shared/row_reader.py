@@ -21,6 +21,7 @@ import numpy as np
 
 from .cache_format import SHARDS_DIR, CacheFormatError, FieldSpec, GroupManifest
 from .range_reads import IN_FLIGHT, Span, coalesce, read_spans
+from .read_through import ReadThroughCache
 from .storage import Storage
 
 _EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -60,44 +61,60 @@ def _group_dir(storage: Storage, rel: str) -> str:
 class RowFieldReader:
     """Per-row reads of big fields for one cache: shard indexes parsed once, then kept."""
 
-    def __init__(self, storage: Storage, manifests: Mapping[str, GroupManifest], in_flight: int = IN_FLIGHT) -> None:
+    def __init__(self, storage: Storage, manifests: Mapping[str, GroupManifest], in_flight: int = IN_FLIGHT,
+                 read_through: ReadThroughCache | None = None) -> None:
         self.storage = storage
         self.manifests = manifests
         self.in_flight = in_flight
+        self.read_through = read_through  # object stores: local copies of shard files (`read_through.py`)
         self._arrays: dict[tuple[str, str, str], _RowArray] = {}
 
     def read(self, groups: Sequence[str], name: str, spec: FieldSpec, gidx: np.ndarray, local: np.ndarray,
              out: np.ndarray) -> None:
         """Fill `out[i]` with row `local[i]` of group `groups[gidx[i]]`, bucket `name`, field `spec`."""
-        where: list[tuple[_RowArray, int, int]] = []  # (array, shard, row within the shard) per output row
-        for gi, lr in zip(gidx, local, strict=True):
-            ra = self._row_array(groups[gi], name, spec)
-            where.append((ra, *divmod(int(lr), ra.shard_rows)))
+        self.read_fields([(groups, name, spec, gidx, local, out)])
+
+    def read_fields(self, jobs: Sequence[tuple[Sequence[str], str, FieldSpec, np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        """`read` for several fields of one batch at once: on an object store, the missing shard indexes
+        of every field go out in one concurrent round, then the rows of every field in one more."""
+        where: list[tuple[_RowArray, int, int, np.ndarray]] = []  # (array, shard, row in shard, target row)
+        for groups, name, spec, gidx, local, out in jobs:
+            for pos, (gi, lr) in enumerate(zip(gidx, local, strict=True)):
+                ra = self._row_array(groups[gi], name, spec)
+                where.append((ra, *divmod(int(lr), ra.shard_rows), out[pos]))
         if not self.storage.is_local:
-            self._fetch_indexes({(ra.rel, shard): (ra, shard) for ra, shard, _ in where if shard not in ra.indexes})
-        # (file, offset, nbytes) and (out position, array) for every stored row.
+            self._fetch_indexes({(ra.rel, shard): (ra, shard) for ra, shard, _, _ in where if shard not in ra.indexes})
+        # (file, offset, nbytes) and (array, target row) for every stored row.
         requests: list[tuple[str, int, int]] = []
-        targets: list[tuple[int, _RowArray]] = []
-        for pos, (ra, shard, within) in enumerate(where):
+        targets: list[tuple[_RowArray, np.ndarray]] = []
+        for ra, shard, within, target in where:
             offset, nbytes = self._shard_index(ra, shard)[within]
             if offset == _EMPTY:
-                out[pos] = 0
+                target[...] = 0
                 continue
             requests.append((ra.shard_file(shard), int(offset), int(nbytes)))
-            targets.append((pos, ra))
+            targets.append((ra, target))
         if self.storage.is_local:
             # Decode straight from the mapped file into the batch: no intermediate bytes object.
-            for (file, offset, nbytes), (pos, ra) in zip(requests, targets, strict=True):
-                self._decode_row(ra, file, self.storage.map_file(file)[offset: offset + nbytes], out[pos])
+            for (file, offset, nbytes), (ra, target) in zip(requests, targets, strict=True):
+                self._decode_row(ra, file, self.storage.map_file(file)[offset: offset + nbytes], target)
             return
-        # An object store: one concurrent round of merged ranges for the whole batch.
+        if self.read_through is not None:
+            remote = []
+            for i, ((file, offset, nbytes), (ra, target)) in enumerate(zip(requests, targets, strict=True)):
+                local = self.read_through.mapped(file, ra.expected_sizes[file[len(ra.rel) + 1:]])
+                if local is None:
+                    remote.append(i)
+                else:
+                    self._decode_row(ra, file, local[offset: offset + nbytes], target)
+            requests, targets = [requests[i] for i in remote], [targets[i] for i in remote]
         spans = coalesce(requests)
         for span, blob in zip(spans, read_spans(self.storage, spans, in_flight=self.in_flight), strict=True):
             view = memoryview(blob)
             for i in span.members:
                 file, offset, nbytes = requests[i]
-                pos, ra = targets[i]
-                self._decode_row(ra, file, view[offset - span.start: offset - span.start + nbytes], out[pos])
+                ra, target = targets[i]
+                self._decode_row(ra, file, view[offset - span.start: offset - span.start + nbytes], target)
 
     def _fetch_indexes(self, wanted: Mapping[tuple[str, int], tuple[_RowArray, int]]) -> None:
         """Fetch the shard indexes a batch needs that are not kept yet, all in one concurrent round. The

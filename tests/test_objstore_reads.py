@@ -118,3 +118,32 @@ def test_throttling_is_retried_and_a_store_that_keeps_failing_is_one_line(small_
     finally:
         local.close()
         remote.close()
+
+
+@pytest.mark.slow
+def test_read_through_copies_serve_later_reads_locally_and_stay_bounded(small_cache, s3_cache, tmp_path):
+    import time
+
+    server, url, opts = s3_cache
+    local = CacheReader(str(small_cache))
+    remote = CacheReader(url, opts, read_through=(str(tmp_path / "copies"), 10 << 20))
+    try:
+        batches = _batches(local, n=2)
+        for bucket, rows in batches:  # first touch: remote reads, copies queued
+            _same(remote.read_rows(bucket, rows, fields=FIELDS), local.read_rows(bucket, rows, fields=FIELDS))
+        copies = remote._rows.read_through
+        deadline = time.monotonic() + 60
+        while copies._queued and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert copies.downloaded > 0
+        for bucket, rows in batches:  # maps the copies
+            remote.read_rows(bucket, rows, fields=["latent_mean", "prompt_embeds"])
+        server.reset_stats()
+        for bucket, rows in batches:
+            _same(remote.read_rows(bucket, rows, fields=FIELDS), local.read_rows(bucket, rows, fields=FIELDS))
+        assert server.reset_stats().gets == []  # every row from the local copies
+        size = sum(p.stat().st_size for p in (tmp_path / "copies").rglob("*") if p.is_file())
+        assert 0 < size <= 10 << 20 and not list((tmp_path / "copies").rglob("*.tmp"))
+    finally:
+        local.close()
+        remote.close()

@@ -86,8 +86,9 @@ class CachedBatches(Dataset):
     """Dataset indexed by `MicroBatch`: returns the whole micro-batch as tensors, read in one call."""
 
     def __init__(self, url: str, storage_options: Mapping[str, Any], rows: Mapping[tuple[int, int], np.ndarray],
-                 read_ahead: int = 0) -> None:
+                 read_ahead: int = 0, read_through: tuple[str, int] | None = None) -> None:
         self.url, self.storage_options = url, dict(storage_options)
+        self.read_through = read_through  # (folder, bytes): local copies of an object-store cache's shard files
         self.rows = {tuple(b): r for b, r in rows.items()}
         self.read_ahead = read_ahead  # micro-batches read concurrently ahead per worker (`read_ahead.py`)
         self._reader: CacheReader | None = None  # opened lazily in each worker process
@@ -95,7 +96,7 @@ class CachedBatches(Dataset):
 
     def reader(self) -> CacheReader:
         if self._reader is None:
-            self._reader = CacheReader(self.url, self.storage_options)
+            self._reader = CacheReader(self.url, self.storage_options, read_through=self.read_through)
         return self._reader
 
     def __len__(self) -> int:  # a map-style dataset must have one; the sampler decides what is read
