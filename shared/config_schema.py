@@ -307,6 +307,14 @@ class TrainConfig(_Section):
     log_every: int = Field(default=10, ge=1, description="TensorBoard scalars every N steps.")
     num_workers: int = Field(default=2, ge=0, description="DataLoader worker processes reading the cache.")
     prefetch_factor: int = Field(default=4, ge=1, description="Batches each worker reads ahead.")
+    read_ahead: int | None = Field(
+        default=None, ge=0, description="Micro-batches each worker reads concurrently ahead (threads); unset: 16 "
+        "when cache.path is on an object store (hides its per-request latency), 0 on a local disk.")
+    read_through_dir: str | None = Field(
+        default=None, description="Object-store caches: a local folder for copies of the shard files read, so "
+        "later epochs read at local-disk speed (several workers and ranks may share it).")
+    read_through_gb: float = Field(default=100.0, gt=0, description="Most GB read_through_dir may hold; least "
+                                   "recently used copies are deleted beyond it.")
 
 
 class Config(_Section):

@@ -22,6 +22,7 @@ from latentforge.shared.cache_format import find_source
 from latentforge.shared.cache_reader import CacheReader
 from latentforge.shared.config import Config
 
+from .read_ahead import ReadAheadReader, ReadAheadSampler, WithAhead
 from .sampler import MicroBatch, MicroBatchSampler
 
 # What a training step reads; keys, hashes and upscale paths stay on disk.
@@ -84,20 +85,31 @@ def group_repeats(reader: CacheReader, config: Config) -> dict[str, int]:
 class CachedBatches(Dataset):
     """Dataset indexed by `MicroBatch`: returns the whole micro-batch as tensors, read in one call."""
 
-    def __init__(self, url: str, storage_options: Mapping[str, Any], rows: Mapping[tuple[int, int], np.ndarray]) -> None:
+    def __init__(self, url: str, storage_options: Mapping[str, Any], rows: Mapping[tuple[int, int], np.ndarray],
+                 read_ahead: int = 0, read_through: tuple[str, int] | None = None) -> None:
         self.url, self.storage_options = url, dict(storage_options)
+        self.read_through = read_through  # (folder, bytes): local copies of an object-store cache's shard files
         self.rows = {tuple(b): r for b, r in rows.items()}
+        self.read_ahead = read_ahead  # micro-batches read concurrently ahead per worker (`read_ahead.py`)
         self._reader: CacheReader | None = None  # opened lazily in each worker process
+        self._ahead: ReadAheadReader[MicroBatch] | None = None
 
     def reader(self) -> CacheReader:
         if self._reader is None:
-            self._reader = CacheReader(self.url, self.storage_options)
+            self._reader = CacheReader(self.url, self.storage_options, read_through=self.read_through)
         return self._reader
 
     def __len__(self) -> int:  # a map-style dataset must have one; the sampler decides what is read
         return sum(len(r) for r in self.rows.values())
 
-    def __getitem__(self, mb: MicroBatch) -> dict[str, Any]:
+    def __getitem__(self, item: MicroBatch | WithAhead[MicroBatch]) -> dict[str, Any]:
+        if isinstance(item, WithAhead):
+            if self._ahead is None:
+                self._ahead = ReadAheadReader(self._read, max(1, self.read_ahead))
+            return self._ahead.get(item.item, item.ahead)
+        return self._read(item)
+
+    def _read(self, mb: MicroBatch) -> dict[str, Any]:
         reader = self.reader()
         bucket = (int(mb.bucket[0]), int(mb.bucket[1]))
         rows = self.rows[bucket][np.asarray(mb.items, dtype=np.int64)]
@@ -112,14 +124,17 @@ class CachedBatches(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_reader"] = None
+        state["_ahead"] = None
         return state
 
 
 def build_loader(dataset: CachedBatches, sampler: MicroBatchSampler, config: Config) -> DataLoader:
-    """DataLoader over micro-batches: workers read ahead while the model trains (prefetch_factor batches each)."""
+    """DataLoader over micro-batches: workers read ahead while the model trains (prefetch_factor batches each);
+    with `dataset.read_ahead`, each worker also keeps that many of its next micro-batches in flight."""
     workers = config.train.num_workers
+    items: Any = ReadAheadSampler(sampler, workers, dataset.read_ahead) if dataset.read_ahead else sampler
     return DataLoader(
-        dataset, sampler=sampler, batch_size=None, num_workers=workers,
+        dataset, sampler=items, batch_size=None, num_workers=workers,
         prefetch_factor=config.train.prefetch_factor if workers else None,
         persistent_workers=False, pin_memory=torch.cuda.is_available(),
     )

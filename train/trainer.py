@@ -149,7 +149,10 @@ class Trainer:
         """Train to `train.max_steps` (or stop after step `until`, as an interruption would)."""
         t = self.config.train
         stop = min(t.max_steps, until) if until is not None else t.max_steps
-        dataset = CachedBatches(self.cache.url, dict(self.config.cache.storage_options), self.samples.train_rows)
+        ahead = t.read_ahead if t.read_ahead is not None else (0 if self.cache.storage.is_local else 16)
+        copies = (t.read_through_dir, int(t.read_through_gb * 1e9)) if t.read_through_dir else None
+        dataset = CachedBatches(self.cache.url, dict(self.config.cache.storage_options), self.samples.train_rows, ahead,
+                                copies)
         sampler = MicroBatchSampler(self.schedule, self.state, self.dist.rank, self.dist.world, t.micro_batch_size)
         batches = iter(build_loader(dataset, sampler, self.config))
         bar = _progress(self.dist.is_main, self.step, t.max_steps)
