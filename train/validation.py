@@ -37,6 +37,7 @@ class ValidationData:
     held_out: Mapping[Bucket, Sequence[int]]  # rows per bucket kept out of training
     prompts: list[str]
     embeds: dict[str, torch.Tensor]  # the prompts' cached text fields, one row per prompt
+    controls: torch.Tensor | None = None  # ControlNet runs: one control image per prompt, (n, 3, H, W) in [0, 1]
 
 
 @torch.no_grad()
@@ -65,10 +66,13 @@ def _square_bucket(buckets: tuple[Bucket, ...]) -> Bucket:
 
 @torch.no_grad()
 def image_grid(model: torch.nn.Module, setup: StepSetup, buckets: tuple[Bucket, ...], prompts: list[str],
-               embeds: dict[str, torch.Tensor], *, decode: bool = True) -> np.ndarray | None:
+               embeds: dict[str, torch.Tensor], *, decode: bool = True,
+               controls: torch.Tensor | None = None) -> np.ndarray | None:
     """Denoise the cached validation prompts with `model`'s current weights; returns an HxWx3 uint8 grid.
 
-    One image per prompt at the squarest of the cache's `buckets`, seeded per prompt. `decode=False`
+    One image per prompt at the squarest of the cache's `buckets`, seeded per prompt. With `controls`
+    (a ControlNet run) each prompt is steered by its control image, made at that image's size, and the
+    grid shows the control image above each output. `decode=False`
     runs the denoiser's calls only and returns None: what the other ranks do under ZeRO-3, where every
     forward gathers the partitioned weights collectively, so every rank must make the same calls.
     """
@@ -85,13 +89,17 @@ def image_grid(model: torch.nn.Module, setup: StepSetup, buckets: tuple[Bucket, 
     was_training = model.training
     model.eval()
     pipe = setup.adapter.validation_pipeline(model, vae, scheduler)
-    h, w = _square_bucket(buckets)
+    h, w = _square_bucket(buckets) if controls is None else tuple(controls.shape[-2:])
     dev, dt = setup.device, setup.dtype
     extra = {"use_resolution_binning": False} if "use_resolution_binning" in _call_args(pipe) else {}
+    if controls is not None:
+        extra["controlnet_conditioning_scale"] = getattr(setup.adapter, "scale", 1.0)
     images = []
     for i in range(len(prompts)):
         one = {k: v[i:i + 1].to(dev, dt if v.is_floating_point() else v.dtype) for k, v in embeds.items()}
         empty = {k: v.to(dev, dt if v.is_floating_point() else v.dtype) for k, v in setup.empty.items()}
+        if controls is not None:
+            extra["image"] = controls[i:i + 1].to(dev, dt)
         out = pipe(**setup.adapter.prompt_kwargs(one, empty), height=h, width=w,
                    num_inference_steps=setup.config.train.validation_inference_steps, output_type="latent",
                    generator=torch.Generator(device="cpu").manual_seed(VALIDATION_SEED + i), **extra)
@@ -102,7 +110,11 @@ def image_grid(model: torch.nn.Module, setup: StepSetup, buckets: tuple[Bucket, 
         if setup.shift_factor is not None:
             latents = latents + setup.shift_factor
         pixels = vae.decode(latents).sample[0].clamp(-1, 1)
-        images.append(((pixels.permute(1, 2, 0).float().cpu().numpy() + 1) * 127.5).round().astype(np.uint8))
+        image = ((pixels.permute(1, 2, 0).float().cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
+        if controls is not None:  # the control above its output; inpainting's masked -1 shows black
+            shown = (controls[i].clamp(0, 1).permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8)
+            image = np.concatenate([shown, image], axis=0)
+        images.append(image)
     model.train(was_training)
     return np.concatenate(images, axis=1) if images else None
 
@@ -127,7 +139,8 @@ def validate(model: torch.nn.Module, setup: StepSetup, data: ValidationData, met
         metrics.scalar("val/loss", loss, step)
     if not is_main and not sharded:
         return
-    grid = image_grid(model, setup, data.reader.spec.buckets, data.prompts, data.embeds, decode=is_main)
+    grid = image_grid(model, setup, data.reader.spec.buckets, data.prompts, data.embeds, decode=is_main,
+                      controls=data.controls)
     if grid is None or not is_main:
         return
     from PIL import Image
