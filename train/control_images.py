@@ -51,8 +51,6 @@ def _rectangle(h: int, w: int, g: torch.Generator) -> torch.Tensor:
 
 def _strokes(h: int, w: int, g: torch.Generator) -> torch.Tensor:
     """1-3 brush strokes: random walks of 2-5 straight segments, each a capsule of random width."""
-    ys = torch.arange(h, dtype=torch.float32)[:, None]
-    xs = torch.arange(w, dtype=torch.float32)[None, :]
     mask = torch.zeros(h, w, dtype=torch.bool)
     side = min(h, w)
     for _ in range(1 + int(_uniform(g) * 3)):
@@ -62,10 +60,15 @@ def _strokes(h: int, w: int, g: torch.Generator) -> torch.Tensor:
             angle, length = _uniform(g, 0, 2 * math.pi), side * _uniform(g, 0.1, 0.4)
             y2 = min(max(y + length * math.sin(angle), 0.0), h - 1.0)
             x2 = min(max(x + length * math.cos(angle), 0.0), w - 1.0)
-            # Distance of every pixel to the segment (y, x)-(y2, x2).
+            # Distance of every pixel near the segment (y, x)-(y2, x2) to it: only its bounding box, since
+            # a full 1024x1024 grid per segment would cost the training step time.
+            top, bottom = max(0, int(min(y, y2) - radius)), min(h, int(max(y, y2) + radius) + 2)
+            left, right = max(0, int(min(x, x2) - radius)), min(w, int(max(x, x2) + radius) + 2)
+            ys = torch.arange(top, bottom, dtype=torch.float32)[:, None]
+            xs = torch.arange(left, right, dtype=torch.float32)[None, :]
             dy, dx = y2 - y, x2 - x
             t = (((ys - y) * dy + (xs - x) * dx) / max(dy * dy + dx * dx, 1e-6)).clamp(0, 1)
-            mask |= (ys - (y + t * dy)) ** 2 + (xs - (x + t * dx)) ** 2 <= radius * radius
+            mask[top:bottom, left:right] |= (ys - (y + t * dy)) ** 2 + (xs - (x + t * dx)) ** 2 <= radius * radius
             y, x = y2, x2
     return mask
 

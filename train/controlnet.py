@@ -70,8 +70,9 @@ class ControlNetAdapter(DenoiserAdapter):
     model_subfolder = "controlnet"
     model_class = "ControlNetModel"
 
-    def __init__(self, base: DenoiserAdapter, kind: str) -> None:
-        self.base, self.kind = base, kind
+    def __init__(self, base: DenoiserAdapter, kind: str, scale: float = 1.0) -> None:
+        """`kind`: the cache's conditioning kind; `scale`: `train.controlnet.conditioning_scale`."""
+        self.base, self.kind, self.scale = base, kind, scale
         self.family = base.family
         self.pipeline_class = CONTROLNET_PIPELINES[base.family]
         self.no_text = base.no_text
@@ -93,15 +94,13 @@ class ControlNetAdapter(DenoiserAdapter):
     def condition(self, batch: dict[str, Any], empty: dict[str, torch.Tensor], config: Config,
                   generator: torch.Generator) -> dict[str, torch.Tensor]:
         cond = self.base.condition(batch, empty, config, generator)
-        control = control_input(self.kind, batch["conditioning"].cpu(), generator, config.train.controlnet.degrade_factor)
-        cond["controlnet_cond"] = control.to(batch["conditioning"].device)
+        cond["controlnet_cond"] = control_input(self.kind, batch["conditioning"], generator,
+                                                config.train.controlnet.degrade_factor)
         return cond
 
     def forward(self, model: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 cond: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(noisy, timesteps, cond, self.scale).sample
-
-    scale: float = 1.0  # train.controlnet.conditioning_scale, set by `controlnet_adapter`
 
     def validation_pipeline(self, model: torch.nn.Module, vae: Any, scheduler: Any) -> Any:
         import diffusers
@@ -125,9 +124,7 @@ def controlnet_adapter(base: DenoiserAdapter, config: Config, spec: CacheSpec, c
     if spec.conditioning is None:
         raise ConfigError(f"config error: train.controlnet.enabled: cache {cache_path} holds no control images; "
                           "set cache.conditioning.kind (canny, image, inpaint or sidecar) and re-cache into a new cache.path")
-    adapter = ControlNetAdapter(base, spec.conditioning)
-    adapter.scale = config.train.controlnet.conditioning_scale
-    return adapter
+    return ControlNetAdapter(base, spec.conditioning, config.train.controlnet.conditioning_scale)
 
 
 def validation_controls(spec_reader: Any, held_out: dict[tuple[int, int], Any], count: int, kind: str,
