@@ -9,12 +9,12 @@ Runs in worker threads ahead of the encoders; PIL and torch release the GIL for 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
-from latentforge.preprocess.buckets import assign_bucket, needs_upscale, plan_crop
+from latentforge.preprocess.buckets import CropPlan, assign_bucket, needs_upscale, plan_crop
 from latentforge.shared.cache_format import UPSCALE_METHODS
 from latentforge.shared.config import Config
 
@@ -78,7 +78,7 @@ class Preparer:
                                     flipped.crop_top_left, digest, method, self._control(mirrored, sidecar, plan, True)))
         return out
 
-    def _control(self, crop: Any, sidecar: Any, plan: Any, flip: bool) -> np.ndarray | None:
+    def _control(self, crop: Image.Image, sidecar: Image.Image | None, plan: CropPlan, flip: bool) -> np.ndarray | None:
         """The control image of a crop, cut with the image's own (unflipped) plan, then flipped like it."""
         if self.control is None:
             return None
