@@ -160,3 +160,16 @@ def test_bad_conditioning_settings_are_one_line_errors(bad):
     with pytest.raises(ConfigError) as err:
         load_config(DEMO, [bad])
     assert "conditioning" in str(err.value) and "\n" not in str(err.value).strip()
+
+
+def test_sidecar_skip_reasons():
+    from latentforge.preprocess.conditioning import decode_sidecar
+    from latentforge.preprocess.images import SkipSample
+
+    half = _png(np.zeros((50, 100, 3), np.uint8))
+    assert decode_sidecar(half, "k", "depth", (100, 200), 10**8).size == (100, 50)  # another size, same aspect
+    for data, reason in ((None, "no_sidecar"), (b"not an image", "bad_sidecar"),
+                         (_png(np.zeros((100, 100, 3), np.uint8)), "sidecar_size_mismatch")):
+        with pytest.raises(SkipSample) as err:
+            decode_sidecar(data, "k", "depth", (100, 200), 10**8)
+        assert err.value.reason == reason and "k" in err.value.detail
