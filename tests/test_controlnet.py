@@ -130,3 +130,24 @@ def test_inpaint_masks_are_seeded_new_per_draw_and_of_every_shape():
     again = ci.draw_masks(2, 64, 96, torch.Generator().manual_seed(3))
     assert torch.equal(control == ci.MASKED, again.expand(-1, 3, -1, -1))
     assert torch.allclose(control[~again.expand(-1, 3, -1, -1)], torch.tensor(200 / 255))
+
+
+@pytest.mark.slow
+def test_controlnet_resume_is_exact(tmp_path):
+    """Checkpoints hold the ControlNet alone (the UNet comes back from the base model); a run stopped at
+    step 2 and resumed logs the losses of an uninterrupted one (degraded `image` controls, EMA on)."""
+    model = build_tiny_pipeline("sd1", tmp_path / "tiny-sd1")
+    config = _config("sd1", model, tmp_path, "image", "train.max_steps=4", "train.checkpoint_every=2",
+                     "train.validation_every=0", "train.ema.enabled=true")
+    assert run_cache(config) == 0
+
+    def with_train(**kw):
+        return config.model_copy(update={"train": config.train.model_copy(update=kw)})
+
+    full = Trainer(config)
+    full.train()
+    first = Trainer(with_train(output_dir=str(tmp_path / "split")))
+    first.train(until=2)
+    second = Trainer(with_train(output_dir=str(tmp_path / "split"), resume="latest"))
+    second.train()
+    assert first.history + second.history == full.history
