@@ -114,9 +114,10 @@ class CacheJob:
         inputs = fingerprint_inputs(pipeline_version=PIPELINE_VERSION, family=cfg.model.family,
                                     model=model_identity(cfg, self.sources), cache=cfg.cache.model_dump(),
                                     buckets=cfg.buckets.model_dump(), upscale=upscale, upscale_weights=weights)
+        control = None if cfg.cache.conditioning.kind == "none" else cfg.cache.conditioning.kind
         fields = cached_fields(cfg.model.family, latent_channels=self.vae.latent_channels, latent_mode=cfg.cache.latent_mode,
                                store_dtype=cfg.cache.store_dtype, text_tokens=self.text.tokens,
-                               text_dim=self.text.text_dim, pooled_dim=self.text.pooled_dim)
+                               text_dim=self.text.text_dim, pooled_dim=self.text.pooled_dim, conditioning=control)
         return CacheSpec(
             family=cfg.model.family, fingerprint=compute_fingerprint(inputs), fields=fields,
             buckets=generate_bucket_set(cfg.buckets.resolutions, cfg.buckets.step, cfg.buckets.min_aspect, cfg.buckets.max_aspect,
@@ -125,6 +126,7 @@ class CacheJob:
             scaling_factor=self.vae.scaling_factor, shift_factor=self.vae.shift_factor,
             latent_mode=cfg.cache.latent_mode, store_dtype=cfg.cache.store_dtype, codec=cfg.cache.codec,
             shard_rows=cfg.cache.shard_rows, fingerprint_inputs=inputs, model_location=self.sources.location(),
+            conditioning=control,
         )
 
     # ---- prompts --------------------------------------------------------------------------------
@@ -155,7 +157,7 @@ class CacheJob:
         cfg = self.config
         skips = SkipCounter(max_examples=1000)
         stats = ShardStats()
-        reader = iter_shard(ref, source, skips, cfg.cache.missing_caption)
+        reader = iter_shard(ref, source, skips, cfg.cache.missing_caption, sidecar_name(cfg))
         group = self.writer.group(ref.group_id, {"url": ref.display_url, "kind": ref.kind},
                                   self.source_hash(ref, source),
                                   origin=SourceOrigin.of(ref.source_index, source.type, source.path))
@@ -231,6 +233,8 @@ class CacheJob:
         rows["content_hash"] = np.frombuffer(b"".join(p.content_hash for p in items), np.uint8).reshape(len(items), 16)
         rows["key"] = [p.key for p in items]
         rows["upscale_method"] = np.array([method_code(p.upscale_method) for p in items], np.uint8)
+        if self.spec.conditioning:
+            rows["conditioning"] = np.stack([p.control for p in items])
         return rows
 
     # ---- the loop -------------------------------------------------------------------------------
@@ -269,10 +273,15 @@ def list_input_shards(config: Config) -> list[ShardRef]:
     """Every input shard, in the order ranks claim them (largest first). A source that cannot be listed
     is a config error (one line naming data.sources[i]), raised before anything is written."""
     try:
-        refs = list_shards(config.data.sources)
+        refs = list_shards(config.data.sources, sidecar_name(config))
     except ValueError as exc:
         raise ConfigError(f"config error: {exc}") from None
     return sorted(refs, key=lambda r: (-int(r.identity.get("size") or 0), r.group_id))
+
+
+def sidecar_name(config: Config) -> str | None:
+    """The sidecar maps' name part (`KEY.<name>.png`) when the cache stores sidecar control images."""
+    return config.cache.conditioning.sidecar if config.cache.conditioning.kind == "sidecar" else None
 
 
 def _load_error(key: str, value: str, what: str, exc: BaseException) -> ConfigError:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from PIL import Image
 
-from latentforge.preprocess.buckets import assign_bucket, needs_upscale, plan_crop
+from latentforge.preprocess.buckets import CropPlan, assign_bucket, needs_upscale, plan_crop
 from latentforge.shared.cache_format import UPSCALE_METHODS
 from latentforge.shared.config import Config
 
+from .conditioning import ControlMaker, decode_sidecar
 from .images import SkipSample, content_hash, decode_image, hflip, resize_and_crop, to_tensor
 from .sources import RawSample
 from .upscale import Upscaler
@@ -33,6 +36,7 @@ class Prepared:
     crop_top_left: tuple[int, int]
     content_hash: bytes
     upscale_method: str
+    control: np.ndarray | None = None  # (C, H, W) uint8 control image when `cache.conditioning` is on
 
 
 class Preparer:
@@ -43,6 +47,7 @@ class Preparer:
         self.config = config
         self.buckets = buckets_by_resolution
         self.upscaler = upscaler
+        self.control = ControlMaker(config.cache.conditioning) if config.cache.conditioning.kind != "none" else None
 
     def __call__(self, raw: RawSample) -> list[Prepared]:
         cfg = self.config
@@ -51,6 +56,10 @@ class Preparer:
         if min(height, width) < cfg.buckets.min_resolution:
             raise SkipSample("too_small", f"{height}x{width} is below buckets.min_resolution={cfg.buckets.min_resolution}")
         digest = content_hash(raw.image)
+        sidecar = None
+        if cfg.cache.conditioning.kind == "sidecar":
+            sidecar = decode_sidecar(raw.sidecar, raw.key, cfg.cache.conditioning.sidecar, (height, width),
+                                     cfg.cache.max_pixels)
         out: list[Prepared] = []
         for resolution, buckets in self.buckets.items():
             bucket = assign_bucket(height, width, buckets)
@@ -62,12 +71,18 @@ class Preparer:
                     source, method = self.upscaler.upscale(img, plan.resized)
             pixels = resize_and_crop(source, plan.resized, plan.crop_top_left, plan.target)
             out.append(Prepared(raw.key, raw.caption, bucket, to_tensor(pixels), (height, width), plan.crop_top_left,
-                                digest, method))
+                                digest, method, self._control(pixels, sidecar, plan, False)))
             if cfg.cache.flip:
-                flipped = plan.flip()
-                out.append(Prepared(f"{raw.key}#flip", raw.caption, bucket, to_tensor(hflip(pixels)), (height, width),
-                                    flipped.crop_top_left, digest, method))
+                flipped, mirrored = plan.flip(), hflip(pixels)
+                out.append(Prepared(f"{raw.key}#flip", raw.caption, bucket, to_tensor(mirrored), (height, width),
+                                    flipped.crop_top_left, digest, method, self._control(mirrored, sidecar, plan, True)))
         return out
+
+    def _control(self, crop: Image.Image, sidecar: Image.Image | None, plan: CropPlan, flip: bool) -> np.ndarray | None:
+        """The control image of a crop, cut with the image's own (unflipped) plan, then flipped like it."""
+        if self.control is None:
+            return None
+        return self.control(crop, sidecar, plan.resized, plan.crop_top_left, flip)
 
 
 def method_code(method: str) -> int:

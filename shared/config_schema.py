@@ -164,6 +164,28 @@ class UpscaleConfig(_Section):
     tile_pad: int = Field(default=16, ge=0, description="Overlap between tiles, in pixels.")
 
 
+class ConditioningConfig(_Section):
+    kind: Literal["none", "canny", "image", "inpaint", "sidecar"] = Field(
+        default="none",
+        description="Control image cached beside each latent (ControlNet): canny edges (computed here), image "
+        "(the crop; tile/super-resolution), inpaint (the crop; masks drawn at train time), sidecar "
+        "(`<key>.<sidecar>.png` shipped with each image), none.",
+    )
+    canny_low: float = Field(default=100.0, ge=0, description="Canny hysteresis low threshold (0-255 gradient units).")
+    canny_high: float = Field(default=200.0, ge=0, description="Canny hysteresis high threshold (0-255 gradient units).")
+    canny_sigma: float = Field(default=1.0, ge=0, description="Gaussian smoothing before Canny, in pixels.")
+    sidecar: str = Field(
+        default="depth", pattern=r"^[a-z0-9_]+$",
+        description="kind sidecar: the map of sample KEY is the member/file KEY.<sidecar>.<png|jpg|webp|...>.",
+    )
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> ConditioningConfig:
+        if self.canny_low > self.canny_high:
+            raise ValueError(f"canny_low ({self.canny_low}) must be <= canny_high ({self.canny_high})")
+        return self
+
+
 class CacheConfig(_Section):
     path: str = Field(description="Where the cache lives: a local path or an fsspec URL (s3://bucket/prefix).")
     storage_options: dict[str, Any] = Field(
@@ -206,6 +228,9 @@ class CacheConfig(_Section):
     missing_caption: Literal["skip", "empty"] = Field(
         default="skip", description="A sample without a caption: skip it, or cache it with the empty prompt."
     )
+    conditioning: ConditioningConfig = Field(
+        default_factory=ConditioningConfig, description="ControlNet control images cached per sample."
+    )
 
 
 class TimestepBiasConfig(_Section):
@@ -244,6 +269,18 @@ class LoraSection(_Section):
         description="Module names or regex (peft target_modules) that get adapters; default: attention projections.",
     )
     dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
+
+
+class ControlNetSection(_Section):
+    enabled: bool = Field(
+        default=False, description="Train a ControlNet (initialised from the UNet, which stays frozen) on the "
+        "cache's control images (cache.conditioning); SD 1.x and SDXL.",
+    )
+    pretrained: str | None = Field(default=None, description="Start from this ControlNet (hub id or folder) instead.")
+    conditioning_scale: float = Field(default=1.0, gt=0, description="Scale of the ControlNet residuals.")
+    degrade_factor: int = Field(
+        default=4, ge=1, description="kind image: the control is the crop shrunk by this factor and enlarged back."
+    )
 
 
 class TrainConfig(_Section):
@@ -291,6 +328,7 @@ class TrainConfig(_Section):
     )
     ema: EmaConfig = Field(default_factory=EmaConfig, description="Exponential moving average of the weights.")
     lora: LoraSection = Field(default_factory=LoraSection, description="Low-rank adapters (peft) on the denoiser.")
+    controlnet: ControlNetSection = Field(default_factory=ControlNetSection, description="ControlNet training.")
     held_out_fraction: float = Field(
         default=0.0, ge=0, lt=1, description="Fraction of samples (by key hash) kept out of training for validation."
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .cache_format import FieldSpec, common_fields
+from .conditioning_format import CONDITIONING_FIELD, conditioning_channels
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,10 @@ def cached_fields(
     text_tokens: int,
     text_dim: int,
     pooled_dim: int | None = None,
+    conditioning: str | None = None,
 ) -> tuple[FieldSpec, ...]:
-    """The fields a cache of this family holds, in order."""
+    """The fields a cache of this family holds, in order; `conditioning` (a `cache.conditioning.kind`)
+    adds the control image beside the latent."""
     facts = family_facts(family)
     what = "EfficientNet Stage C latent" if facts.vae_class == EFFNET_CLASS else "VAE posterior mean, unscaled"
     fields = [FieldSpec("latent_mean", (latent_channels, "h", "w"), store_dtype, what)]
@@ -77,6 +80,9 @@ def cached_fields(
         fields.append(FieldSpec("pooled_prompt_embeds", (pooled_dim,), store_dtype, "pooled text embedding"))
     if facts.has_text_mask:
         fields.append(FieldSpec("prompt_mask", (text_tokens,), "uint8", "1 for real tokens, 0 for padding"))
+    if conditioning:
+        fields.append(FieldSpec(CONDITIONING_FIELD, (conditioning_channels(conditioning), "H", "W"), "uint8",
+                                f"{conditioning} control image at the bucket size, uint8, same crop and flip as the latent"))
     return (*fields, *common_fields())
 
 

@@ -86,9 +86,11 @@ class CachedBatches(Dataset):
     """Dataset indexed by `MicroBatch`: returns the whole micro-batch as tensors, read in one call."""
 
     def __init__(self, url: str, storage_options: Mapping[str, Any], rows: Mapping[tuple[int, int], np.ndarray],
-                 read_ahead: int = 0, read_through: tuple[str, int] | None = None) -> None:
+                 read_ahead: int = 0, read_through: tuple[str, int] | None = None, *, control: bool = False) -> None:
+        """`control`: also read the cached control images (ControlNet training)."""
         self.url, self.storage_options = url, dict(storage_options)
         self.read_through = read_through  # (folder, bytes): local copies of an object-store cache's shard files
+        self.wanted = (*TRAIN_FIELDS, "conditioning") if control else TRAIN_FIELDS
         self.rows = {tuple(b): r for b, r in rows.items()}
         self.read_ahead = read_ahead  # micro-batches read concurrently ahead per worker (`read_ahead.py`)
         self._reader: CacheReader | None = None  # opened lazily in each worker process
@@ -113,7 +115,7 @@ class CachedBatches(Dataset):
         reader = self.reader()
         bucket = (int(mb.bucket[0]), int(mb.bucket[1]))
         rows = self.rows[bucket][np.asarray(mb.items, dtype=np.int64)]
-        fields = [f.name for f in reader.spec.fields if f.name in TRAIN_FIELDS]
+        fields = [f.name for f in reader.spec.fields if f.name in self.wanted]
         # In a worker the batch is built in shared memory: handing it to the trainer then copies nothing.
         batch = reader.read_rows(bucket, rows, fields=fields, shared_memory=get_worker_info() is not None)
         batch["step"] = mb.step

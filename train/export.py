@@ -29,8 +29,13 @@ __all__ = ["DTYPES", "cli_entry", "configure", "export_pipeline", "trained_state
 
 def export_pipeline(checkpoint: Path, out: Path, *, use_ema: bool = False, dtype: str = "fp16",
                     base: str | None = None, merge: bool = False) -> Path:
-    """Write the pipeline folder (LoRA runs: the adapter folder, or with `merge` a merged pipeline)."""
+    """Write the pipeline folder (LoRA runs: the adapter folder, or with `merge` a merged pipeline;
+    ControlNet runs: a `ControlNetModel` folder, `export_controlnet.py`)."""
     state = read_trainer_state(checkpoint)
+    if state["config"]["train"].get("controlnet", {}).get("enabled"):  # the ControlNet alone; the base is unchanged
+        from .export_controlnet import export_controlnet
+
+        return export_controlnet(checkpoint, out, state, use_ema=use_ema, dtype=dtype, base=base)
     model_cfg = state["config"]["model"]
     base, pins = export_base(model_cfg, base)
     adapter = adapter_for(model_cfg["family"])

@@ -27,6 +27,7 @@ from latentforge.shared.preflight import check_model_paths
 
 from . import objective as obj
 from .checkpoint import TrainState, find_checkpoint, load_checkpoint, save_checkpoint
+from .controlnet import controlnet_adapter, validation_controls
 from .data import CachedBatches, CachedSamples, build_loader
 from .distributed import build_engine, deepspeed_config, init_distributed
 from .ema import build_ema
@@ -35,7 +36,7 @@ from .metrics import Metrics
 from .sampler import GlobalBucketSchedule, MicroBatchSampler, SamplerState
 from .step import StepSetup, build_objective, forward_loss
 from .universal import prepare_resume, zero_stage
-from .validation import ValidationData, validate
+from .validation import VALIDATION_SEED, ValidationData, validate
 
 log = logging.getLogger("latentforge.train")
 
@@ -66,6 +67,8 @@ class Trainer:
         # Data: the cache must fit the model before anything trains.
         self.cache = CacheReader(config.cache.path, dict(config.cache.storage_options))
         self.adapter = adapter_for(config.model.family)
+        if t.controlnet.enabled:  # a ControlNet in front of the frozen UNet, fed the cached control images
+            self.adapter = controlnet_adapter(self.adapter, config, self.cache.spec, config.cache.path)
         model = self.adapter.load(config)
         self.cache.check_compatible(**self.adapter.expected_cache(model))
         self.cache.check_model_files(config.model.pretrained, config.model.vae, config.model.revision)
@@ -76,7 +79,9 @@ class Trainer:
             log.warning("bucket %sx%s has %d samples, fewer than one global batch (%d): they are never trained",
                         bucket[0], bucket[1], n, self.global_batch)
         empty, prompts, embeds = self.cache.prompts()
-        self.validation = ValidationData(self.cache, self.samples.val_rows, prompts, embeds)
+        controls = (validation_controls(self.cache, self.samples.val_rows, len(prompts), self.cache.spec.conditioning or "",
+                                        t.controlnet.degrade_factor, VALIDATION_SEED) if t.controlnet.enabled else None)
+        self.validation = ValidationData(self.cache, self.samples.val_rows, prompts, embeds, controls)
 
         # Objective: the noise schedule comes from the model's own scheduler config.
         self.objective = build_objective(config, self.adapter, self.dist.device)
@@ -97,8 +102,9 @@ class Trainer:
         # Resume: engine, RNGs, step, the global sample order and the EMA, restored into one TrainState.
         self.train_state = TrainState(
             engine=self.engine, schedule=self.schedule, sampler=self.schedule.initial_state(), rank=self.dist.rank,
-            world=self.dist.world, ema=self.ema, trainable_only=t.lora.enabled,
-            snapshot={"cache_fingerprint": self.cache.spec.fingerprint, "config": config_to_dict(config)})
+            world=self.dist.world, ema=self.ema, trainable_only=t.lora.enabled or t.controlnet.enabled,
+            snapshot={"cache_fingerprint": self.cache.spec.fingerprint, "config": config_to_dict(config),
+                      "cache_conditioning": self.cache.spec.conditioning})
         self.history: list[float] = []  # mean loss of every optimizer step this process ran
         if ckpt is not None:
             load_checkpoint(self.train_state, ckpt, engine_path=universal)
@@ -152,7 +158,7 @@ class Trainer:
         ahead = t.read_ahead if t.read_ahead is not None else (0 if self.cache.storage.is_local else 16)
         copies = (t.read_through_dir, int(t.read_through_gb * 1e9)) if t.read_through_dir else None
         dataset = CachedBatches(self.cache.url, dict(self.config.cache.storage_options), self.samples.train_rows, ahead,
-                                copies)
+                                copies, control=t.controlnet.enabled)
         sampler = MicroBatchSampler(self.schedule, self.state, self.dist.rank, self.dist.world, t.micro_batch_size)
         batches = iter(build_loader(dataset, sampler, self.config))
         bar = _progress(self.dist.is_main, self.step, t.max_steps)
@@ -242,7 +248,7 @@ def _hparams(config: Config) -> dict[str, Any]:
             "snr_gamma": t.snr_gamma or 0.0, "noise_offset": t.noise_offset, "caption_dropout": t.caption_dropout,
             "prediction_type": t.prediction_type or "scheduler", "ema": t.ema.enabled, "family": config.model.family,
             "zero_stage": int(config.deepspeed.get("zero_optimization", {}).get("stage", 0)), "seed": t.seed,
-            "lora_rank": t.lora.rank if t.lora.enabled else 0, "global_batch_per_rank": t.micro_batch_size * t.gradient_accumulation_steps}
+            "lora_rank": t.lora.rank if t.lora.enabled else 0, "controlnet": t.controlnet.enabled, "global_batch_per_rank": t.micro_batch_size * t.gradient_accumulation_steps}
 
 
 def run_train(config: Config) -> int:

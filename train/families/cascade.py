@@ -93,7 +93,7 @@ def cascade_renderer(adapter: Any, model: torch.nn.Module, setup: Any) -> Render
     cell = family_facts(cfg.family).vae_downsample  # pixels per Stage C latent cell (32)
 
     def render(size: tuple[int, int], one: dict[str, torch.Tensor], empty: dict[str, torch.Tensor],
-               generator: torch.Generator, decode: bool) -> np.ndarray | None:
+               generator: torch.Generator, decode: bool, call: dict[str, Any] | None = None) -> np.ndarray | None:
         h, w = (prior_height(side // cell, multiple) for side in size)
         kwargs = adapter.prompt_kwargs(one, empty)
         out = prior(**kwargs, height=h, width=w, num_inference_steps=steps, generator=generator, output_type="pt")

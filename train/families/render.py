@@ -15,8 +15,9 @@ import torch
 
 from latentforge.shared.families import family_facts
 
-Renderer = Callable[[tuple[int, int], dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Generator, bool],
-                    "np.ndarray | None"]
+# (size, prompt fields, empty fields, generator, decode, extra pipeline arguments such as a control image)
+Renderer = Callable[[tuple[int, int], dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Generator, bool,
+                     "dict[str, Any] | None"], "np.ndarray | None"]
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
@@ -38,10 +39,10 @@ def vae_renderer(adapter: Any, model: torch.nn.Module, setup: Any) -> Renderer:
     extra = {"use_resolution_binning": False} if "use_resolution_binning" in call_args(pipe) else {}
 
     def render(size: tuple[int, int], one: dict[str, torch.Tensor], empty: dict[str, torch.Tensor],
-               generator: torch.Generator, decode: bool) -> np.ndarray | None:
+               generator: torch.Generator, decode: bool, call: dict[str, Any] | None = None) -> np.ndarray | None:
         out = pipe(**adapter.prompt_kwargs(one, empty), height=size[0], width=size[1],
                    num_inference_steps=setup.config.train.validation_inference_steps, output_type="latent",
-                   generator=generator, **extra)
+                   generator=generator, **extra, **(call or {}))
         if not decode:
             return None
         # Decode in fp32 ourselves: pipelines only upcast fp16 VAEs, and bf16 latents meet an fp32 VAE here.
