@@ -18,17 +18,17 @@ import os
 import signal
 import sys
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 
 from latentforge.preprocess.buckets import buckets_by_resolution, generate_bucket_set
 from latentforge.preprocess.cache_writer import CacheWriter
+from latentforge.preprocess.overlap import WriteBehind, ordered_map
 from latentforge.shared.cache_format import (
     UPSCALE_WEIGHT_SETTINGS,
     CacheSpec,
@@ -56,19 +56,6 @@ from .upscale import Upscaler
 
 log = logging.getLogger("latentforge.cache")
 PIPELINE_VERSION = 1  # bump when image preparation changes what is cached for the same inputs
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], ahead: int) -> Iterator[tuple[T, Future]]:
-    """Like `pool.map`, in input order, but bounded: at most `ahead` items in flight (memory stays flat)."""
-    window: deque[tuple[T, Future]] = deque()
-    for item in items:
-        window.append((item, pool.submit(fn, item)))
-        if len(window) >= ahead:
-            yield window.popleft()
-    while window:
-        yield window.popleft()
 
 
 class CacheJob:
@@ -161,32 +148,14 @@ class CacheJob:
         group = self.writer.group(ref.group_id, {"url": ref.display_url, "kind": ref.kind},
                                   self.source_hash(ref, source),
                                   origin=SourceOrigin.of(ref.source_index, source.type, source.path))
-        pending: dict[tuple[int, int], list[Prepared]] = {}
-
-        def timed_prepare(raw: Any) -> tuple[list[Prepared] | SkipSample, float]:
-            t = time.perf_counter()
-            try:
-                return self.preparer(raw), time.perf_counter() - t
-            except SkipSample as exc:
-                return exc, time.perf_counter() - t
-
         t_read = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=cfg.cache.workers, thread_name_prefix="prepare") as pool:
-            for raw, future in ordered_map(pool, timed_prepare, _timed(reader, stats), ahead=4 * cfg.cache.workers):
-                result, seconds = future.result()
-                stats.add("prepare", seconds)
-                stats.seen += 1
-                if isinstance(result, SkipSample):
-                    skips.skip(result.reason, f"{raw.key}: {result.detail}")
-                    continue
-                for item in result:
-                    stats.count_upscale(item.upscale_method)
-                    batch = pending.setdefault(item.bucket, [])
-                    batch.append(item)
-                    if len(batch) >= cfg.cache.batch_size:
-                        self._encode_and_add(group, item.bucket, pending.pop(item.bucket), stats, skips)
-            for bucket in sorted(pending):
-                self._encode_and_add(group, bucket, pending[bucket], stats, skips)
+        writes = WriteBehind()  # compress and write a batch while the encoder computes the next
+        try:
+            self._prepare_encode_write(reader, group, writes, stats, skips)
+        finally:
+            writes.close()
+        stats.add("write", writes.written)
+        stats.add("write_wait", writes.waited)
         if reader.error == "shard_unreadable":
             # Possibly transient (network, permissions): leave it uncommitted so the next run retries it.
             group.abort()
@@ -201,8 +170,38 @@ class CacheJob:
         stats.skipped = sum(skips.counts.values())
         return group.commit(skipped=skips.as_dict(), stats={**stats.as_dict(), "input_content_hash": reader.content_hash})
 
+    def _timed_prepare(self, raw: Any) -> tuple[list[Prepared] | SkipSample, float]:
+        t = time.perf_counter()
+        try:
+            return self.preparer(raw), time.perf_counter() - t
+        except SkipSample as exc:
+            return exc, time.perf_counter() - t
+
+    def _prepare_encode_write(self, reader: Any, group: Any, writes: WriteBehind, stats: ShardStats,
+                              skips: SkipCounter) -> None:
+        """Prepare samples on worker threads (ahead of the encoder), encode full bucket batches, hand
+        their rows to the write thread."""
+        cfg = self.config
+        pending: dict[tuple[int, int], list[Prepared]] = {}
+        with ThreadPoolExecutor(max_workers=cfg.cache.workers, thread_name_prefix="prepare") as pool:
+            for raw, future in ordered_map(pool, self._timed_prepare, _timed(reader, stats), ahead=4 * cfg.cache.workers):
+                result, seconds = future.result()
+                stats.add("prepare", seconds)
+                stats.seen += 1
+                if isinstance(result, SkipSample):
+                    skips.skip(result.reason, f"{raw.key}: {result.detail}")
+                    continue
+                for item in result:
+                    stats.count_upscale(item.upscale_method)
+                    batch = pending.setdefault(item.bucket, [])
+                    batch.append(item)
+                    if len(batch) >= cfg.cache.batch_size:
+                        self._encode_and_add(group, item.bucket, pending.pop(item.bucket), stats, skips, writes)
+            for bucket in sorted(pending):
+                self._encode_and_add(group, bucket, pending[bucket], stats, skips, writes)
+
     def _encode_and_add(self, group: Any, bucket: tuple[int, int], items: list[Prepared], stats: ShardStats,
-                        skips: SkipCounter) -> None:
+                        skips: SkipCounter, writes: WriteBehind) -> None:
         try:
             rows = self._encode(items, stats)
         except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
@@ -210,11 +209,9 @@ class CacheJob:
                 skips.skip("encoder_error", f"{items[0].key}: {exc.__class__.__name__}: {str(exc)[:200]}")
                 return
             for item in items:  # find the one sample that fails; keep the rest
-                self._encode_and_add(group, bucket, [item], stats, skips)
+                self._encode_and_add(group, bucket, [item], stats, skips, writes)
             return
-        t = time.perf_counter()
-        group.add(bucket, rows)
-        stats.add("write", time.perf_counter() - t)
+        writes.submit(group.add, bucket, rows)
 
     def _encode(self, items: list[Prepared], stats: ShardStats) -> dict[str, Any]:
         t = time.perf_counter()

@@ -21,7 +21,7 @@ BENCHMARKS = ("bytes_per_sample", "reader_throughput", "objstore_read", "loader_
               "cache_scaling", "gpu_sdxl")
 SUMMARY_KEYS = {"loader_share", "loader_vs_raw", "loader_vs_npz", "loader_vs_pt", "caching_speedup",
                 "cache_scaling_2v1", "bytes_vs_raw", "loader_vs_codec", "objstore_vs_local_20ms",
-                "objstore_read_through_vs_local_20ms", "loader_share_objstore_20ms", "bytes_dedup_vs_raw",
+                "objstore_read_through_vs_local_20ms", "loader_share_objstore_20ms", "bytes_dedup_vs_raw", "cache_overlap",
                 "machine", "date"}
 
 
