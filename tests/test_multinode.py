@@ -111,6 +111,18 @@ def test_cache_on_two_nodes_equals_the_one_process_cache(one_process_cache, tiny
 
 
 @soak
+def test_cache_on_two_nodes_with_c10d_rendezvous_as_under_slurm(one_process_cache, tiny_sdxl, demo_data, tmp_path):
+    """What configs/slurm-cache.sbatch runs on each node: torchrun with a c10d rendezvous, no node ranks."""
+    cache = tmp_path / "cache"
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "cache-test",
+           "-m", "latentforge.preprocess", "--config", str(DEMO), *cache_args(tiny_sdxl, demo_data, cache)]
+    finish(start_nodes([cmd, cmd], tmp_path / "logs"))
+    assert_same_cache(snapshot(cache), one_process_cache, "2 nodes (c10d rendezvous) vs 1 process")
+
+
+@soak
 def test_cache_node_killed_mid_run_rerun_completes_exactly(one_process_cache, tiny_sdxl, demo_data, tmp_path):
     cache = tmp_path / "cache"
     args = cache_args(tiny_sdxl, demo_data, cache)
@@ -178,6 +190,25 @@ def test_deepspeed_launcher_two_nodes_no_ssh_follow_one_process(baseline, unet_o
     assert_follows(logged_losses(out), baseline, range(1, 5), "deepspeed --no_ssh, 2 nodes")
 
 
+# The training line of docs/training.md's SLURM script, with srun's variables set as srun sets them.
+SLURM_TASK = ('RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS '
+              '"$PYTHON" -m latentforge.train --config "$CONFIG" "$@"')
+
+
+@soak
+def test_slurm_tasks_without_launcher_follow_one_process(baseline, unet_only_model, small_cache, tmp_path):
+    out = tmp_path / "two-tasks"
+    args = trainer_args(unet_only_model, small_cache, out, 2, "train.max_steps=4", "train.checkpoint_every=100")
+    port = free_port()
+    jobs = []
+    for task in (0, 1):  # one task per node (--ntasks-per-node=1 here): SLURM_LOCALID 0 on both
+        env = child_env(OMP_NUM_THREADS="1", SLURM_PROCID=str(task), SLURM_LOCALID="0", SLURM_NTASKS="2",
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHON=sys.executable, CONFIG=str(DEMO))
+        jobs.append(Job(["bash", "-c", SLURM_TASK, "task", *args], tmp_path / "logs" / f"task{task}", env))
+    finish(jobs)
+    assert_follows(logged_losses(out), baseline, range(1, 5), "SLURM tasks, no launcher")
+
+
 @soak
 @pytest.mark.parametrize("victim", [1, 0], ids=["node1-killed", "node0-killed"])
 def test_train_node_killed_survivor_fails_in_one_line_and_run_resumes(victim, baseline, unet_only_model, small_cache,
@@ -199,6 +230,7 @@ def test_train_node_killed_survivor_fails_in_one_line_and_run_resumes(victim, ba
     finally:
         for job in jobs:
             job.kill_tree()
+    print(f"node {victim} killed: the surviving node exited {rc} after {waited:.1f} s")
     assert rc != 0
     assert waited < 60, f"the surviving node took {waited:.0f} s to fail"
     ours = [line for line in survivor.stderr.splitlines() if "latentforge train:" in line]
