@@ -44,6 +44,7 @@ from latentforge.shared.file_hash import sha256_file
 from latentforge.shared.preflight import check_model_paths
 
 from .dedupe import dedupe_across_shards, duplicate_owners_unchanged
+from .determinism import pin_deterministic, restored_backends
 from .encoders import load_latent_encoder, model_identity
 from .families import load_text_encoder
 from .images import SkipSample
@@ -66,10 +67,7 @@ class CacheJob:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
         if config.cache.deterministic:
-            # oneDNN picks conv algorithms by thread count, so 1 and 2 processes would differ in the last bit.
-            torch.backends.mkldnn.enabled = False
-            torch.backends.cudnn.deterministic = True
-            torch.backends.cudnn.benchmark = False
+            pin_deterministic(self.device)  # no oneDNN, one CPU thread, deterministic cuDNN (determinism.py)
         # Hub revisions resolve to commits once, first: every encoder loads the commit the fingerprint records.
         self.sources = resolve_model_sources(config)
         pinned = pinned_config(config, self.sources)
@@ -325,13 +323,8 @@ def _distributed() -> tuple[int, int, Callable[[], int], Callable[[], None]]:
 
 def run_cache(config: Config, overwrite: bool = False) -> int:
     """Run this process's share of the cache job; rank 0 writes the summary. Returns an exit code."""
-    flags = (torch.backends.mkldnn.enabled, torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    try:
+    with restored_backends():
         return _run_cache(config, overwrite)
-    finally:
-        # In-process callers (tests, notebooks) get their backend switches back: the cache job's
-        # determinism settings must not change the numerics of a trainer run in the same process.
-        torch.backends.mkldnn.enabled, torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
 
 
 def _run_cache(config: Config, overwrite: bool) -> int:

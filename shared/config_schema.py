@@ -223,7 +223,8 @@ class CacheConfig(_Section):
     deterministic: bool = Field(
         default=True,
         description="Bitwise-identical tensors whatever the process/thread count: CPU runs without oneDNN "
-        "(about 2x slower VAE on CPU), CUDA with deterministic cuDNN.",
+        "(about 2x slower VAE on CPU) on one thread per process (more cores: more torchrun processes), "
+        "CUDA with deterministic cuDNN.",
     )
     missing_caption: Literal["skip", "empty"] = Field(
         default="skip", description="A sample without a caption: skip it, or cache it with the empty prompt."

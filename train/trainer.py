@@ -29,7 +29,7 @@ from . import objective as obj
 from .checkpoint import TrainState, find_checkpoint, load_checkpoint, save_checkpoint
 from .controlnet import controlnet_adapter, validation_controls
 from .data import CachedBatches, CachedSamples, build_loader
-from .distributed import build_engine, deepspeed_config, init_distributed
+from .distributed import build_engine, deepspeed_config, init_distributed, lost_peer
 from .ema import build_ema
 from .families import adapter_for
 from .metrics import Metrics
@@ -255,7 +255,16 @@ def run_train(config: Config) -> int:
     """Entry of `latentforge train` and of the deepspeed launcher."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     trainer = Trainer(config)
-    figures = trainer.train()
+    try:
+        figures = trainer.train()
+    except RuntimeError as exc:  # torch.distributed.DistError is one too
+        reason = lost_peer(exc)
+        if reason is None:
+            raise
+        # Another node's process died mid-collective: one line, not a traceback per rank (docs/training.md).
+        print(f"latentforge train: rank {trainer.dist.rank} of {trainer.dist.world} lost a peer ({reason}); "
+              "resume from the last complete checkpoint with train.resume=latest", file=sys.stderr)
+        return 1
     if trainer.dist.is_main:
         shown = ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in figures.items())
         print(f"train: {trainer.step} steps done; {shown}; outputs in {trainer.output}")
