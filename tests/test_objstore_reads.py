@@ -5,6 +5,8 @@ the object. Against moto on loopback (`devkit/object_store.py`), which counts th
 
 from __future__ import annotations
 
+import uuid
+
 import numpy as np
 import pytest
 import torch
@@ -40,15 +42,17 @@ def test_coalesce_covers_each_request_once_within_its_limits(requests, max_gap, 
 
 @pytest.fixture
 def s3_cache(small_cache, monkeypatch):
-    """small_cache copied to s3://caches/c on a loopback server; botocore's own retries off, so the
+    """small_cache copied to s3://<fresh bucket>/c on a loopback server; botocore's own retries off, so the
     reader's retries are what is tested."""
     for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                         "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(name, value)
     with loopback_s3() as server:
-        upload_tree(server.endpoint, str(small_cache), "s3://caches/c")
+        # moto keeps its buckets per process, shared by every server in it: a bucket name of our own.
+        url = f"s3://lf-objstore-{uuid.uuid4().hex[:12]}/c"
+        upload_tree(server.endpoint, str(small_cache), url)
         opts = {"endpoint_url": server.endpoint, "config_kwargs": {"retries": {"max_attempts": 1}}}
-        yield server, "s3://caches/c", opts
+        yield server, url, opts
 
 
 def _batches(reader: CacheReader, n: int = 4, size: int = 6) -> list[tuple[tuple[int, int], np.ndarray]]:
@@ -112,7 +116,7 @@ def test_throttling_is_retried_and_a_store_that_keeps_failing_is_one_line(small_
         with pytest.raises(StorageReadError) as info:
             fresh.read_rows(bucket, rows, fields=["latent_mean"])
         msg = str(info.value)
-        assert "\n" not in msg and msg.startswith("cannot read s3://caches/c/shards/") and "after 6 attempts" in msg
+        assert "\n" not in msg and msg.startswith(f"cannot read {url}/shards/") and "after 6 attempts" in msg
         assert "reduce your request rate" in msg, msg  # the store's own reason
         fresh.close()
     finally:
