@@ -87,6 +87,14 @@ class SourceConfig(_Section):
         default="txt", description="Where the caption lives: 'txt' (sidecar/member) or a key of the json metadata."
     )
     repeats: int = Field(default=1, ge=1, description="How many times each sample appears per training epoch.")
+    weight: float | None = Field(
+        default=None, gt=0,
+        description="Sampling probability of this source (normalised over sources): its share of the trained "
+        "samples whatever its size; repeats then set the epoch length. Set on every source or on none.",
+    )
+    loss_weight: float = Field(
+        default=1.0, ge=0, description="Per-sample loss multiplier (DreamBooth's prior-preservation weight on class images)."
+    )
     shard_size: int = Field(
         default=1000, ge=1, description="Folder sources: images per virtual shard (sorted listing)."
     )
@@ -102,6 +110,14 @@ class DataConfig(_Section):
     validation_prompts: list[str] = Field(
         default_factory=list, description="Prompts cached with the dataset, used for validation images."
     )
+
+    @model_validator(mode="after")
+    def _weights_all_or_none(self) -> DataConfig:
+        unset = [i for i, s in enumerate(self.sources) if s.weight is None]
+        if unset and len(unset) < len(self.sources):
+            raise ValueError(f"data.sources.{unset[0]}.weight is unset while other sources set one; "
+                             "set weight on every source or on none")
+        return self
 
 
 class BucketsConfig(_Section):
@@ -199,6 +215,14 @@ class TimestepBiasConfig(_Section):
         return self
 
 
+class EdmConfig(_Section):
+    p_mean: float = Field(default=-1.2, description="Mean of log(sigma) (EDM's log-normal noise-level sampling).")
+    p_std: float = Field(default=1.2, gt=0, description="Std of log(sigma).")
+    sigma_data: float = Field(default=0.5, gt=0, description="Std of the (scaled) data the preconditioning assumes.")
+    sigma_min: float = Field(default=0.002, gt=0, description="Smallest sigma of the exported EDMEulerScheduler.")
+    sigma_max: float = Field(default=80.0, gt=0, description="Largest sigma of the exported EDMEulerScheduler.")
+
+
 class EmaConfig(_Section):
     enabled: bool = Field(default=False, description="Keep an exponential moving average of the trained weights (fp32).")
     decay: float = Field(default=0.9999, gt=0, lt=1, description="EMA decay per update.")
@@ -243,6 +267,21 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
         default=None, description="Training target; default: the model's scheduler config."
+    )
+    objective: Literal["scheduler", "edm"] = Field(
+        default="scheduler",
+        description="scheduler: the family's own (DDPM eps/v, or flow matching); edm: Karras preconditioning with "
+        "log-normal sigmas for the eps/v UNet families (train.edm), exported with an EDMEulerScheduler.",
+    )
+    edm: EdmConfig = Field(default_factory=EdmConfig, description="EDM objective settings (train.objective: edm).")
+    zero_terminal_snr: bool = Field(
+        default=False,
+        description="Rescale the betas to zero terminal SNR (Lin et al. 2023); needs v_prediction. Validation and "
+        "export then sample with trailing timesteps.",
+    )
+    input_perturbation: float = Field(
+        default=0.0, ge=0, description="Input perturbation (e.g. 0.1): the model input is noised with noise + p x "
+        "fresh noise, the target keeps the noise (diffusers' train_text_to_image).",
     )
     snr_gamma: float | None = Field(default=None, gt=0, description="Min-SNR-gamma loss weighting (e.g. 5.0); off when unset.")
     noise_offset: float = Field(default=0.0, ge=0, description="Offset noise strength (e.g. 0.05).")
