@@ -22,6 +22,7 @@ from latentforge.shared.cache_reader import CacheReader
 from latentforge.shared.families import family_facts
 
 from .metrics import Metrics
+from .noise_options import sampling_scheduler
 from .step import StepSetup, forward_loss
 
 log = logging.getLogger("latentforge.train")
@@ -81,7 +82,7 @@ def image_grid(model: torch.nn.Module, setup: StepSetup, buckets: tuple[Bucket, 
     vae_source = {} if cfg.vae else {"subfolder": "vae", **cfg.pins()}  # a separate VAE: its own repo's default
     vae = vae_cls.from_pretrained(cfg.vae or cfg.pretrained, **vae_source).to(setup.device)
     sched_cfg = diffusers.DDPMScheduler.load_config(cfg.pretrained, subfolder="scheduler", **cfg.pins(weights=False))
-    scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
+    scheduler = sampling_scheduler(setup.config, dict(sched_cfg))  # EDM / zero terminal SNR: what training assumed
     was_training = model.training
     model.eval()
     pipe = setup.adapter.validation_pipeline(model, vae, scheduler)
