@@ -11,7 +11,11 @@ import torch
 
 from latentforge.shared.config import ConfigError, load_config
 from latentforge.train.edm import edm_loss_weight, edm_pair, edm_preconditioning, edm_scheduler_config
-from latentforge.train.noise_options import check_objective_options, sampling_scheduler, sampling_scheduler_config
+from latentforge.train.noise_options import (
+    check_objective_options,
+    sampling_scheduler,
+    sampling_scheduler_config,
+)
 from tests.test_train import DEMO
 
 
