@@ -46,6 +46,7 @@ from latentforge.shared.preflight import check_model_paths
 from .dedupe import dedupe_across_shards, duplicate_owners_unchanged
 from .encoders import VaeEncoder, model_identity
 from .families import load_text_encoder
+from .generate import generate_class_images, generate_sources
 from .images import SkipSample
 from .model_source import pinned_config, resolve_model_sources
 from .prepare import Prepared, Preparer, method_code
@@ -330,9 +331,16 @@ def _run_cache(config: Config, overwrite: bool) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # Everything that can be checked without loading a model or writing a byte, first.
     check_model_paths(config)
-    shards = list_input_shards(config)
+    generating = generate_sources(config)
+    shards = None if generating else list_input_shards(config)
     _quiet_libraries()
     rank, world, claim, barrier = _distributed()
+    if generating:  # class images first (each rank its share), then every rank lists the completed folders
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        generate_class_images(config, rank, world, torch.device(f"cuda:{local}") if torch.cuda.is_available()
+                              else torch.device("cpu"))
+        barrier()
+        shards = list_input_shards(config)
     t0, started = time.perf_counter(), time.time()
     job = CacheJob(config, rank, world, overwrite)
     if rank == 0:

@@ -97,7 +97,7 @@ def list_shards(sources: list[SourceConfig]) -> list[ShardRef]:
     refs: list[ShardRef] = []
     for i, source in enumerate(sources):
         validate_filters(i, source.filters)
-        found = _list_folder(i, source) if source.type == "folder" else _list_tars(i, source)
+        found = _list_folder(i, source) if source.type in ("folder", "generate") else _list_tars(i, source)
         log.info("source %d: %d shards from %s", i, len(found), redact_url(source.path))
         refs.extend(found)
     return refs

@@ -77,11 +77,21 @@ class MetadataFilter(_Section):
 
 
 class SourceConfig(_Section):
-    type: Literal["webdataset", "folder"] = Field(
-        description="webdataset: img2dataset-style tar shards; folder: images with .txt/.json sidecars."
+    type: Literal["webdataset", "folder", "generate"] = Field(
+        description="webdataset: img2dataset-style tar shards; folder: images with .txt/.json sidecars; generate: "
+        "images the base pipeline generates into `path` (DreamBooth class images), then cached as a folder."
     )
     path: str = Field(
-        description="Tar glob / brace range / URL (http(s)://, s3://) for webdataset; a directory for folder."
+        description="Tar glob / brace range / URL (http(s)://, s3://) for webdataset; a directory for folder; a "
+        "local directory for generate (images already there count towards `count`)."
+    )
+    prompt: str | None = Field(default=None, description="generate: the prompt (and caption) of every image.")
+    count: int | None = Field(default=None, ge=1, description="generate: how many images the folder must hold.")
+    seed: int = Field(default=0, ge=0, description="generate: image i is generated from seed + i.")
+    steps: int = Field(default=30, ge=1, description="generate: denoising steps per image.")
+    guidance: float = Field(default=7.5, ge=0, description="generate: classifier-free guidance scale.")
+    resolution: int | None = Field(
+        default=None, ge=8, description="generate: square image side in pixels; default buckets.resolutions[0]."
     )
     caption_field: str = Field(
         default="txt", description="Where the caption lives: 'txt' (sidecar/member) or a key of the json metadata."
@@ -103,6 +113,14 @@ class SourceConfig(_Section):
         default_factory=dict,
         description="fsspec options (e.g. endpoint_url for R2). Never put keys here: use the environment.",
     )
+
+    @model_validator(mode="after")
+    def _generate_keys(self) -> SourceConfig:
+        if self.type == "generate" and (self.prompt is None or self.count is None):
+            raise ValueError("type: generate needs prompt and count (e.g. prompt: 'a photo of a dog', count: 200)")
+        if self.type != "generate" and (self.prompt is not None or self.count is not None):
+            raise ValueError(f"prompt and count are for type: generate, not type: {self.type}; remove them")
+        return self
 
 
 class DataConfig(_Section):
