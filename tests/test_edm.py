@@ -125,3 +125,24 @@ def test_flow_family_refuses_ddpm_options_in_one_line(override: str) -> None:
 def test_edm_refuses_min_snr() -> None:
     with pytest.raises(ConfigError, match="train.snr_gamma does not apply with train.objective=edm"):
         check_objective_options(load_config(DEMO, ["train.objective=edm"]), "diffusion")
+
+
+@pytest.mark.slow
+def test_edm_trains_validates_and_exports_with_edm_euler(unet_only_model, small_cache, tiny_sdxl, tmp_path) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    from latentforge.train.export import export_pipeline
+    from tests.test_train import FP32_ZERO, run_in_process, train_args
+
+    out = tmp_path / "run"
+    losses = run_in_process(train_args(unet_only_model, small_cache, out, "train.max_steps=2", "train.checkpoint_every=2",
+                                       "train.objective=edm", "train.snr_gamma=null", "train.input_perturbation=0.1",
+                                       "train.validation_every=2", "train.validation_inference_steps=2",
+                                       "train.ema.enabled=false", FP32_ZERO % 0))
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert list((out / "validation").glob("step-*.png"))  # the grid was sampled with EDMEulerScheduler
+    exported = export_pipeline(out / "checkpoints" / "step-00000002", tmp_path / "export", base=str(tiny_sdxl))
+    pipe = StableDiffusionXLPipeline.from_pretrained(exported)
+    assert type(pipe.scheduler).__name__ == "EDMEulerScheduler" and pipe.scheduler.config.sigma_data == 0.5
+    image = pipe.to(torch.float32)("a cat", num_inference_steps=2, height=64, width=64, output_type="np").images
+    assert image.shape == (1, 64, 64, 3)
