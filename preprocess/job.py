@@ -39,10 +39,11 @@ from latentforge.shared.cache_format import (
 )
 from latentforge.shared.config import Config, ConfigError, SourceConfig, load_config
 from latentforge.shared.entry import add_run_args, run_guarded
-from latentforge.shared.families import cached_fields, text_field_names
+from latentforge.shared.families import cached_fields, text_field_names, with_caption_variants
 from latentforge.shared.file_hash import sha256_file
 from latentforge.shared.preflight import check_model_paths
 
+from .captions import encode_variants, variant_settings
 from .dedupe import dedupe_across_shards, duplicate_owners_unchanged
 from .encoders import VaeEncoder, model_identity
 from .families import load_text_encoder
@@ -117,6 +118,7 @@ class CacheJob:
         fields = cached_fields(cfg.model.family, latent_channels=self.vae.latent_channels, latent_mode=cfg.cache.latent_mode,
                                store_dtype=cfg.cache.store_dtype, text_tokens=self.text.tokens,
                                text_dim=self.text.text_dim, pooled_dim=self.text.pooled_dim)
+        fields = with_caption_variants(fields, cfg.model.family, cfg.cache.caption_variants)
         return CacheSpec(
             family=cfg.model.family, fingerprint=compute_fingerprint(inputs), fields=fields,
             buckets=generate_bucket_set(cfg.buckets.resolutions, cfg.buckets.step, cfg.buckets.min_aspect, cfg.buckets.max_aspect),
@@ -146,7 +148,7 @@ class CacheJob:
     def source_hash(self, ref: ShardRef, source: SourceConfig) -> str:
         """Input identity plus the per-source settings that change which samples a shard yields."""
         doc = {"identity": ref.identity_hash, "caption_field": source.caption_field,
-               "filters": [f.model_dump() for f in source.filters]}
+               "filters": [f.model_dump() for f in source.filters], **variant_settings(source, self.config.cache.caption_variants)}
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
     def cache_shard(self, ref: ShardRef, source: SourceConfig) -> GroupManifest | None:
@@ -224,6 +226,7 @@ class CacheJob:
         if self.config.cache.latent_mode == "dist":
             rows["latent_std"] = latents["latent_std"]
         rows.update(text)
+        rows.update(encode_variants(self.text.encode, [p.captions for p in items], text_field_names(self.config.model.family)))
         rows["original_size"] = np.array([p.original_size for p in items], np.int32)
         rows["crop_top_left"] = np.array([p.crop_top_left for p in items], np.int32)
         rows["target_size"] = np.array([p.bucket for p in items], np.int32)

@@ -16,6 +16,7 @@ from latentforge.preprocess.buckets import assign_bucket, needs_upscale, plan_cr
 from latentforge.shared.cache_format import UPSCALE_METHODS
 from latentforge.shared.config import Config
 
+from .captions import caption_variants
 from .images import SkipSample, content_hash, decode_image, hflip, resize_and_crop, to_tensor
 from .sources import RawSample
 from .upscale import Upscaler
@@ -33,6 +34,7 @@ class Prepared:
     crop_top_left: tuple[int, int]
     content_hash: bytes
     upscale_method: str
+    captions: tuple[str, ...] = ()  # every caption variant (the first is `caption`) when cache.caption_variants > 1
 
 
 class Preparer:
@@ -51,6 +53,8 @@ class Preparer:
         if min(height, width) < cfg.buckets.min_resolution:
             raise SkipSample("too_small", f"{height}x{width} is below buckets.min_resolution={cfg.buckets.min_resolution}")
         digest = content_hash(raw.image)
+        n = cfg.cache.caption_variants
+        captions = caption_variants(raw.caption, raw.metadata or {}, cfg.data.sources[raw.source_index], n, raw.key) if n > 1 else ()
         out: list[Prepared] = []
         for resolution, buckets in self.buckets.items():
             bucket = assign_bucket(height, width, buckets)
@@ -62,11 +66,11 @@ class Preparer:
                     source, method = self.upscaler.upscale(img, plan.resized)
             pixels = resize_and_crop(source, plan.resized, plan.crop_top_left, plan.target)
             out.append(Prepared(raw.key, raw.caption, bucket, to_tensor(pixels), (height, width), plan.crop_top_left,
-                                digest, method))
+                                digest, method, captions))
             if cfg.cache.flip:
                 flipped = plan.flip()
                 out.append(Prepared(f"{raw.key}#flip", raw.caption, bucket, to_tensor(hflip(pixels)), (height, width),
-                                    flipped.crop_top_left, digest, method))
+                                    flipped.crop_top_left, digest, method, captions))
         return out
 
 

@@ -96,6 +96,15 @@ class SourceConfig(_Section):
     caption_field: str = Field(
         default="txt", description="Where the caption lives: 'txt' (sidecar/member) or a key of the json metadata."
     )
+    extra_caption_fields: list[str] = Field(
+        default_factory=list,
+        description="Json metadata keys holding more captions of a sample (a string, or a list of tags): cached "
+        "as caption variants when cache.caption_variants > 1.",
+    )
+    tag_shuffle: bool = Field(
+        default=False, description="Caption variants: the caption's comma-separated tags, shuffled (seeded per sample)."
+    )
+    keep_tokens: int = Field(default=0, ge=0, description="tag_shuffle: leading tags that keep their place.")
     repeats: int = Field(default=1, ge=1, description="How many times each sample appears per training epoch.")
     weight: float | None = Field(
         default=None, gt=0,
@@ -214,6 +223,11 @@ class CacheConfig(_Section):
     )
     missing_caption: Literal["skip", "empty"] = Field(
         default="skip", description="A sample without a caption: skip it, or cache it with the empty prompt."
+    )
+    caption_variants: int = Field(
+        default=1, ge=1, le=16,
+        description="Captions encoded per image (the caption, data.sources[*].extra_caption_fields, tag shuffles); "
+        "the trainer picks one per sample and step. Each extra variant costs one more text embedding per sample.",
     )
 
 

@@ -26,7 +26,8 @@ from .sampler import MicroBatch, MicroBatchSampler
 
 # What a training step reads; keys, hashes and upscale paths stay on disk.
 TRAIN_FIELDS = ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds", "prompt_mask",
-                "original_size", "crop_top_left", "target_size")
+                "original_size", "crop_top_left", "target_size",
+                "prompt_embeds_alt", "pooled_prompt_embeds_alt", "prompt_mask_alt")  # caption variants, if cached
 
 
 def held_out(key: str, fraction: float) -> bool:

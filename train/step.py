@@ -17,6 +17,7 @@ import torch
 from latentforge.shared.config import Config
 
 from . import objective as obj
+from .captions import pick_caption_variants
 from .edm import edm_pair
 from .families.base import DenoiserAdapter
 from .noise_options import check_objective_options, check_prediction_type, perturbation
@@ -108,6 +109,8 @@ def forward_loss(model: Any, setup: StepSetup, batch: dict[str, Any], generator:
     `model` is whatever `adapter.forward` calls: the DeepSpeed engine in training, its module otherwise.
     """
     dev = setup.device
+    # Held-out evaluation reads variant 0 (the caption itself); training one variant per sample, seeded.
+    batch = pick_caption_variants(batch, generator) if not evaluate else batch
     mean = batch["latent_mean"].float()
     posterior = not evaluate and "latent_std" in batch
     latents = obj.sample_posterior(mean, batch["latent_std"].float(), generator) if posterior else mean
