@@ -383,7 +383,14 @@ def fingerprint_inputs(*, pipeline_version: int, family: str, model: Mapping[str
     up = {k: v for k, v in upscale.items() if k not in UPSCALE_WEIGHT_SETTINGS}
     up.update({k.replace("_path", "_sha256"): upscale_weights.get(k) for k in UPSCALE_WEIGHT_SETTINGS})
     return {"pipeline_version": pipeline_version, "family": family, FP_MODEL: dict(model),
-            "cache": {k: cache[k] for k in FINGERPRINT_CACHE_SETTINGS}, "buckets": dict(buckets), "upscale": up}
+            "cache": {k: cache[k] for k in FINGERPRINT_CACHE_SETTINGS} | _variants(cache), "buckets": dict(buckets),
+            "upscale": up}
+
+
+def _variants(cache: Mapping[str, Any]) -> dict[str, Any]:
+    # Caption variants add fields, so they count; only when on, so caches made before them keep their fingerprint.
+    n = int(cache.get("caption_variants", 1) or 1)
+    return {"caption_variants": n} if n > 1 else {}
 
 
 def compute_fingerprint(inputs: Mapping[str, Any]) -> str:

@@ -95,3 +95,13 @@ def test_cache_with_three_captions_per_image_trains(tiny_sdxl, demo_data, tmp_pa
     trainer = Trainer(config)
     trainer.train()
     assert trainer.step == 1
+
+
+def test_fingerprint_counts_variants_only_when_on() -> None:
+    from latentforge.shared.cache_format import fingerprint_inputs
+
+    cache = load_config(DEMO).cache.model_dump()
+    common = {"pipeline_version": 1, "family": "sdxl", "model": {}, "buckets": {}, "upscale": {}, "upscale_weights": {}}
+    before = fingerprint_inputs(cache={k: v for k, v in cache.items() if k != "caption_variants"}, **common)
+    assert fingerprint_inputs(cache=cache, **common) == before  # N = 1: the fingerprint of older caches
+    assert fingerprint_inputs(cache={**cache, "caption_variants": 3}, **common)["cache"]["caption_variants"] == 3
