@@ -95,13 +95,24 @@ def load_pipeline(config: Config, device: torch.device) -> Any:
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     try:
-        pipe = DiffusionPipeline.from_pretrained(config.model.pretrained, torch_dtype=dtype, **config.model.pins())
+        # A separate model.vae (e.g. the fp16-fixed SDXL VAE) decodes the class images too.
+        extra = {"vae": _separate_vae(config, dtype)} if config.model.vae else {}
+        pipe = DiffusionPipeline.from_pretrained(config.model.pretrained, torch_dtype=dtype, **config.model.pins(), **extra)
     except OSError as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ConfigError(f"config error: model.pretrained: type: generate needs the whole base pipeline "
                           f"({config.model.pretrained!r}: {first})") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _separate_vae(config: Config, dtype: torch.dtype) -> Any:
+    import diffusers
+
+    from latentforge.shared.families import family_facts
+
+    cls = getattr(diffusers, family_facts(config.model.family).vae_class)
+    return cls.from_pretrained(config.model.vae, torch_dtype=dtype)
 
 
 def generate_one(pipe: Any, source: SourceConfig, index: int, side: int, device: torch.device) -> Any:
