@@ -4,6 +4,7 @@ is instance loss plus loss_weight times class loss."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -107,3 +108,15 @@ def test_dreambooth_cache_and_two_steps_with_prior_preservation(tiny_sdxl, demo_
     per_source = run["samples_per_source"]
     assert [s["type"] for s in per_source] == ["folder", "generate"] and per_source[1]["loss_weight"] == 0.5
     assert sum(s["samples"] for s in per_source) == 2 * 2
+    first = [s["samples"] for s in per_source]
+
+    # Resumed for one more step: the counts cover the whole run (replayed from the global order), and the
+    # weighted order continues exactly: the resumed step's samples are the uninterrupted schedule's third batch.
+    resumed = Trainer(config.model_copy(update={"train": config.train.model_copy(
+        update={"max_steps": 3, "resume": "latest"})}))
+    assert resumed.source_counts.counts.tolist()[:2] == first
+    _, bucket, items = list(itertools.islice(trainer.schedule.global_batches(trainer.schedule.initial_state()), 3))[2]
+    expected = np.bincount(trainer.samples.item_sources[bucket][items], minlength=3)
+    resumed.train()
+    run = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    assert [s["samples"] for s in run["samples_per_source"]][:2] == (np.array(first) + expected[:2]).tolist()
