@@ -109,6 +109,11 @@ def test_dreambooth_cache_and_two_steps_with_prior_preservation(tiny_sdxl, demo_
     assert [s["type"] for s in per_source] == ["folder", "generate"] and per_source[1]["loss_weight"] == 0.5
     assert sum(s["samples"] for s in per_source) == 2 * 2
     first = [s["samples"] for s in per_source]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    logged = [events.Scalars(f"data/samples_source{i}")[-1].value for i in range(2)]
+    assert logged == first  # TensorBoard's last point is the run summary's count
 
     # Resumed for one more step: the counts cover the whole run (replayed from the global order), and the
     # weighted order continues exactly: the resumed step's samples are the uninterrupted schedule's third batch.

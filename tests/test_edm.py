@@ -122,9 +122,12 @@ def test_flow_family_refuses_ddpm_options_in_one_line(override: str) -> None:
     check_objective_options(load_config(DEMO, ["model.family=sana", "train.snr_gamma=null"]), "flow")
 
 
-def test_edm_refuses_min_snr() -> None:
+def test_edm_refuses_min_snr_and_non_unet_families() -> None:
     with pytest.raises(ConfigError, match="train.snr_gamma does not apply with train.objective=edm"):
         check_objective_options(load_config(DEMO, ["train.objective=edm"]), "diffusion")
+    pixart = load_config(DEMO, ["model.family=pixart_sigma", "train.objective=edm", "train.snr_gamma=null"])
+    with pytest.raises(ConfigError, match="^train.objective=edm is for the UNet families"):
+        check_objective_options(pixart, "diffusion", unet=False)
 
 
 @pytest.mark.slow

@@ -19,8 +19,9 @@ from latentforge.shared.config import Config, ConfigError
 from .edm import edm_scheduler_config
 
 
-def check_objective_options(config: Config, objective: str) -> None:
-    """Raise `ConfigError` (one line) for a `train.*` option the family's objective (`diffusion`/`flow`) ignores."""
+def check_objective_options(config: Config, objective: str, unet: bool = True) -> None:
+    """Raise `ConfigError` (one line) for a `train.*` option the family's objective (`diffusion`/`flow`) ignores;
+    `unet`: the family trains a UNet (EDM's preconditioning is defined and tested for the UNet families)."""
     t, family = config.train, config.model.family
     if objective == "flow":
         refused = {"train.snr_gamma": t.snr_gamma is not None, "train.timestep_bias.strategy": t.timestep_bias.strategy != "none",
@@ -30,6 +31,9 @@ def check_objective_options(config: Config, objective: str) -> None:
             if set_:
                 raise ConfigError(f"{key} does not apply to {family} (a flow-matching family); remove it "
                                   "(flow_weighting, flow_shift, logit_mean and logit_std shape its noise levels)")
+    if t.objective == "edm" and not unet:
+        raise ConfigError(f"train.objective=edm is for the UNet families (sdxl, sd1, sd2), not {family}; "
+                          "remove it")
     if t.objective == "edm":
         refused = {"train.snr_gamma": t.snr_gamma is not None, "train.timestep_bias.strategy": t.timestep_bias.strategy != "none",
                    "train.zero_terminal_snr": t.zero_terminal_snr}

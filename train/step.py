@@ -39,7 +39,7 @@ def build_objective(config: Config, adapter: DenoiserAdapter, device: torch.devi
     from diffusers import DDPMScheduler
 
     t = config.train
-    check_objective_options(config, adapter.objective)
+    check_objective_options(config, adapter.objective, unet=adapter.model_class == "UNet2DConditionModel")
     sched_cfg = DDPMScheduler.load_config(config.model.pretrained, subfolder="scheduler", **config.model.pins(weights=False))
     steps = int(sched_cfg.get("num_train_timesteps", 1000))
     if adapter.objective == "flow":
