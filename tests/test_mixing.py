@@ -80,7 +80,7 @@ def test_deterministic_layout_free_and_resumable(cfg) -> None:
                    for k in range(n)]
         assert rebuilt == batches
     # Resume anywhere, through a JSON round trip of the state: the same continuation.
-    for cut in (1, sched.steps_per_epoch, n - 1):
+    for cut in {1, min(sched.steps_per_epoch, n - 1), n - 1}:
         state = sched.load_state(sched.advance(sched.initial_state(), cut).to_dict())
         assert _take(sched, state, n - cut) == batches[cut:]
 
@@ -133,3 +133,14 @@ def test_weights_all_or_none_is_one_line() -> None:
 
     with pytest.raises(ValueError, match=r"data.sources.1.weight is unset"):
         DataConfig(sources=[{"type": "folder", "path": "a", "weight": 2.0}, {"type": "folder", "path": "b"}])
+
+
+def test_resume_with_other_weights_is_one_line() -> None:
+    from latentforge.shared.config import ConfigError
+    from latentforge.shared.config_schema import SourceConfig
+    from latentforge.train.mixing import check_resume_weights
+
+    now = [SourceConfig(type="folder", path="a", weight=1.0), SourceConfig(type="folder", path="b", weight=3.0)]
+    check_resume_weights([{"weight": 1.0}, {"weight": 3.0}], now)
+    with pytest.raises(ConfigError, match=r"^data.sources.1.weight: the checkpoint was trained with weights \[1.0, 2.0\]"):
+        check_resume_weights([{"weight": 1.0}, {"weight": 2.0}], now)

@@ -181,3 +181,16 @@ def source_report(counts: Sequence[int], sources: Sequence[object]) -> list[dict
                     "weight": getattr(src, "weight", None), "loss_weight": getattr(src, "loss_weight", 1.0),
                     "samples": int(n), "share": round(int(n) / total, 6) if total else 0.0})
     return out
+
+
+def check_resume_weights(saved_sources: Sequence[Mapping[str, object]], sources: Sequence[object]) -> None:
+    """Refuse (one line) to resume a run whose source weights changed: the sampler position would then point
+    into another sample order. `saved_sources` is the checkpoint's config snapshot of data.sources."""
+    from latentforge.shared.config import ConfigError
+
+    before = [s.get("weight") for s in saved_sources]
+    now = [getattr(s, "weight", None) for s in sources]
+    if before != now:
+        i = next((i for i, (a, b) in enumerate(zip(before, now, strict=False)) if a != b), min(len(before), len(now)))
+        raise ConfigError(f"data.sources.{i}.weight: the checkpoint was trained with weights {before}, the config "
+                          f"sets {now}; keep the checkpoint's weights to resume, or start a fresh run (train.resume unset)")

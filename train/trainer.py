@@ -27,12 +27,13 @@ from latentforge.shared.preflight import check_model_paths
 
 from . import objective as obj
 from .checkpoint import TrainState, find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint_weights import read_trainer_state
 from .data import CachedBatches, CachedSamples, build_loader
 from .distributed import build_engine, deepspeed_config, init_distributed
 from .ema import build_ema
 from .families import adapter_for
 from .metrics import Metrics
-from .mixing import SourceCounter, build_schedule, source_report
+from .mixing import SourceCounter, build_schedule, check_resume_weights, source_report
 from .sampler import MicroBatchSampler, SamplerState
 from .step import StepSetup, build_objective, forward_loss, source_loss_weights
 from .universal import prepare_resume, zero_stage
@@ -107,6 +108,7 @@ class Trainer:
             snapshot={"cache_fingerprint": self.cache.spec.fingerprint, "config": config_to_dict(config)})
         self.history: list[float] = []  # mean loss of every optimizer step this process ran
         if ckpt is not None:
+            check_resume_weights(read_trainer_state(ckpt)["config"]["data"]["sources"], config.data.sources)
             load_checkpoint(self.train_state, ckpt, engine_path=universal)
             log.info("resumed from %s at step %d%s", ckpt, self.step,
                      f" (written by another world size; engine state from {universal.name})" if universal else "")
