@@ -365,4 +365,13 @@ class Config(_Section):
         default_factory=dict, description="Passed to DeepSpeed (zero_optimization, bf16, ...); validated there."
     )
 
+    @model_validator(mode="after")
+    def _variants_need_slots(self) -> Config:
+        # Caption-variant settings without room for variants would be silently ignored: refuse them instead.
+        for i, s in enumerate(self.data.sources):
+            if self.cache.caption_variants == 1 and (s.extra_caption_fields or s.tag_shuffle):
+                key = "extra_caption_fields" if s.extra_caption_fields else "tag_shuffle"
+                raise ValueError(f"data.sources.{i}.{key} needs cache.caption_variants > 1 (e.g. 4) to be cached")
+        return self
+
 

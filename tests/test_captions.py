@@ -105,3 +105,10 @@ def test_fingerprint_counts_variants_only_when_on() -> None:
     before = fingerprint_inputs(cache={k: v for k, v in cache.items() if k != "caption_variants"}, **common)
     assert fingerprint_inputs(cache=cache, **common) == before  # N = 1: the fingerprint of older caches
     assert fingerprint_inputs(cache={**cache, "caption_variants": 3}, **common)["cache"]["caption_variants"] == 3
+
+
+def test_variant_settings_without_variants_are_refused() -> None:
+    from latentforge.shared.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.sources.0.tag_shuffle needs cache.caption_variants > 1"):
+        load_config(DEMO, ["data.sources=[{type: folder, path: x, tag_shuffle: true}]"])
