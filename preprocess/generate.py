@@ -68,6 +68,17 @@ def generate_class_images(config: Config, rank: int, world: int, device: torch.d
     `load` builds the pipeline (default: the run's base pipeline, `DiffusionPipeline.from_pretrained`); it is
     only called when this rank has something to generate.
     """
+    flags = (torch.backends.mkldnn.enabled, torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    if config.cache.deterministic:  # as the encoders: the same pixels whatever the process and thread count
+        torch.backends.mkldnn.enabled, torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True, False
+    try:
+        return _generate(config, rank, world, device, load)
+    finally:
+        torch.backends.mkldnn.enabled, torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
+
+
+def _generate(config: Config, rank: int, world: int, device: torch.device,
+              load: Callable[[Config, torch.device], Any] | None) -> int:
     pipe, written = None, 0
     for i, source in generate_sources(config):
         folder = Path(source.path)

@@ -125,3 +125,30 @@ def test_dreambooth_cache_and_two_steps_with_prior_preservation(tiny_sdxl, demo_
     resumed.train()
     run = json.loads((tmp_path / "run" / "run_summary.json").read_text())
     assert [s["samples"] for s in run["samples_per_source"]][:2] == (np.array(first) + expected[:2]).tolist()
+
+
+@pytest.mark.slow
+def test_two_rank_cache_job_generates_the_same_class_images(tiny_sdxl, tmp_path) -> None:
+    """torchrun with 2 ranks: each generates its indices, both wait, then cache the folder; the images are
+    byte-identical to those one process makes."""
+    import subprocess
+
+    from latentforge.preprocess.generate import generate_class_images
+    from tests.reliability_support import cache_command, child_env
+
+    config = _config(tiny_sdxl, tmp_path / "one")
+    generate_class_images(config, 0, 1, torch.device("cpu"))
+    klass = tmp_path / "two" / "class"
+    sources = (f"data.sources=[{{type: generate, path: '{klass}', prompt: '{CLASS_PROMPT}', count: 4, steps: 2, "
+               f"guidance: 2.0, resolution: 128, seed: 7}}]")
+    args = [f"model.pretrained={tiny_sdxl}", sources, f"cache.path={tmp_path / 'two' / 'cache'}", "buckets.resolutions=[128]",
+            "upscale.enabled=false", "train.output_dir=unused"]
+    done = subprocess.run(cache_command(2, args), env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = done.stdout + done.stderr
+    assert "rank 0 generates 2 class images" in log and "rank 1 generates 2 class images" in log
+    for i in range(4):
+        name = f"gen-{i:06d}.png"
+        assert (klass / name).read_bytes() == (tmp_path / "one" / "class" / name).read_bytes(), name
+    assert json.loads((tmp_path / "two" / "cache" / "summary.json").read_text())["samples"] == 4
