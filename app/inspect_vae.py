@@ -129,6 +129,9 @@ def load_vae(choice: VaeChoice, family: str) -> Any:
     from latentforge.shared.families import family_facts
 
     cls_name = family_facts(family).vae_class
+    if not hasattr(diffusers, cls_name):  # Stable Cascade's EfficientNet encoder has no decoder of its own
+        raise InspectError(f"family {family}: its latents ({cls_name}) decode only through Stage B and A; "
+                           "pass --per-bucket 0 to summarise the cache without decoded grids")
     config = Path(choice.source) / (choice.subfolder or "") / "config.json"
     if config.is_file():
         cls_name = json.loads(config.read_text()).get("_class_name", cls_name)

@@ -27,6 +27,9 @@ FAMILIES = {
     "sd2": (4, 8, (768, 768), 77, 1024, None, False, 1.3),
     "pixart_sigma": (4, 8, (1024, 1024), 300, 4096, None, True, 1.4),
     "sana": (32, 32, (1024, 1024), 300, 2304, None, True, 1.3),
+    # Stage C: 16 x 24 x 24 EfficientNet latents of a 768 px image; CLIP bigG's 77 states, padding included (the
+    # prior attends to it, so it is not zeroed), + the pooled projection.
+    "stable_cascade": (16, 32, (768, 768), 77, 1280, 1280, False, 1.3),
 }
 
 

@@ -30,9 +30,9 @@ from .common import ROOT, SampleSource, cli, median, row, sdxl_spec, write_cache
 
 SIZES = {
     "full": {"samples": 1024, "micro": 4, "threads": 1, "warmup": 4, "steps": 24, "rounds": 2, "workers": 2, "prefetch": 4,
-             "capacity_batches": 48, "handover_calls": 20, "kinds": ("random", "structured")},
+             "capacity_batches": 48, "handover_calls": 20, "kinds": ("random", "structured"), "remote_read_ahead": 16},
     "smoke": {"samples": 16, "micro": 2, "threads": 1, "warmup": 1, "steps": 2, "rounds": 1, "workers": 1, "prefetch": 2,
-              "capacity_batches": 2, "handover_calls": 2, "kinds": ("random",)},
+              "capacity_batches": 2, "handover_calls": 2, "kinds": ("random",), "remote_read_ahead": 2},
 }
 # Needed per GPU by SDXL at 1024x1024 on an H100 (../shared/notes/performance-anchors.md: 6-15 samples/s).
 H100_SAMPLES_PER_S = 15.0
@@ -51,12 +51,13 @@ def trainer_config(model: Path, cache: Path, out: Path, cfg: dict[str, Any]) -> 
     ])
 
 
-def loader_segment(trainer: Any, url: str, cfg: dict[str, Any], train: bool = True, steps: int | None = None) -> dict[str, Any]:
+def loader_segment(trainer: Any, url: str, cfg: dict[str, Any], train: bool = True, steps: int | None = None,
+                   opts: dict[str, Any] | None = None, read_ahead: int = 0) -> dict[str, Any]:
     """Steps through the real loader: per-step wait and total seconds after warm-up; worker start-up time."""
     from latentforge.train.data import build_loader
     from latentforge.train.sampler import MicroBatchSampler
 
-    dataset = CachedBatches(url, {}, trainer.samples.train_rows)
+    dataset = CachedBatches(url, opts or {}, trainer.samples.train_rows, read_ahead)
     sampler = MicroBatchSampler(trainer.schedule, trainer.state, 0, 1, cfg["micro"])
     loader = build_loader(dataset, sampler, trainer.config)
     steps = cfg["steps"] if steps is None else steps
@@ -167,6 +168,21 @@ def run(size: str, workdir: Path) -> dict[str, Any]:
         seg = loader_segment(trainer, str(path), {**cfg, "warmup": 2}, train=False, steps=cfg["capacity_batches"])
         capacity[kind] = cfg["micro"] * len(seg["totals"]) / sum(seg["totals"])
 
+    # The same steps reading the random cache from an object store that answers each request after 20 ms
+    # (loopback moto, `devkit/object_store.py`), with the trainer's default read-ahead for remote caches.
+    import os
+
+    from latentforge.devkit.object_store import loopback_s3, upload_tree
+
+    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
+    os.environ.pop("AWS_PROFILE", None)
+    with loopback_s3() as server:
+        upload_tree(server.endpoint, str(caches["random"]), "s3://bench/cache")
+        server.latency_s = 0.02
+        remote = loader_segment(trainer, "s3://bench/cache", cfg, opts={"endpoint_url": server.endpoint},
+                                read_ahead=cfg["remote_read_ahead"])
+    remote_share = sum(remote["waits"]) / sum(remote["totals"])
+
     figs: dict[str, dict[str, float]] = {}
     for kind, r in results.items():
         share = sum(r["waits"]) / sum(r["totals"])
@@ -183,6 +199,11 @@ def run(size: str, workdir: Path) -> dict[str, Any]:
             rnd["loader_share"] <= 0.02,
             f"{rnd['steps_timed']} steps, micro-batch {cfg['micro']}, {cfg['workers']} workers; median wait "
             f"{rnd['median_wait_ms']:.2f} ms, max {rnd['max_wait_ms']:.1f} ms, step {rnd['step_s_with_loader']:.3f} s"),
+        row("loader share of step time, cache on an object store at 20 ms per request", 100 * remote_share, "%",
+            "<= 2 %", remote_share <= 0.02,
+            f"{len(remote['totals'])} steps, {cfg['workers']} workers, read-ahead {cfg['remote_read_ahead']}; median wait "
+            f"{1e3 * median(remote['waits']):.2f} ms, max {1e3 * max(remote['waits']):.1f} ms, worker start "
+            f"{remote['first_batch_s']:.1f} s"),
         row("  step time with loader / with batches in memory (random)", rnd["step_time_vs_in_memory"], "x", "", None,
             f"{rnd['step_s_with_loader']:.3f} vs {rnd['step_s_in_memory']:.3f} s median step (the 2 workers run on "
             "the same 2 cores as the step)"),
@@ -200,7 +221,8 @@ def run(size: str, workdir: Path) -> dict[str, Any]:
                           f"median wait {st['median_wait_ms']:.2f} ms, max {st['max_wait_ms']:.1f} ms")]
         table.insert(4, row("  loader alone, samples/s (structured)", st["loader_only_samples_per_s"], "samples/s", "", None, ""))
     return {
-        "name": "loader_share", "table": table, "summary": {"loader_share": rnd["loader_share"]},
+        "name": "loader_share", "table": table,
+        "summary": {"loader_share": rnd["loader_share"], "loader_share_objstore_20ms": remote_share},
         "config": {**cfg, "codec": "blosc-lz4", "model_params": sum(p.numel() for p in trainer.engine.module.parameters()),
                    "torch_threads": torch.get_num_threads(), "dtype": "float32 compute, bfloat16 cache",
                    "cache_writes_per_s": {k: n / v for k, v in write_s.items()}},

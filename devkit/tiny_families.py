@@ -29,14 +29,15 @@ def _kl_vae(scaling_factor: float):
                          scaling_factor=scaling_factor)
 
 
-def _clip_encoder(tokenizer, width: int):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _clip_encoder(tokenizer, width: int, projection: bool = False):
+    """A tiny CLIP text encoder (`projection`: with the pooled projection, CLIPTextModelWithProjection)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=37, projection_dim=width,
                          num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
-    return CLIPTextModel(cfg).eval()
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
 
 
 def _sd_unet(cross_attention_dim: int, linear_projection: bool):

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from .clip_tokenizer import EOS_TOKEN, make_clip_tokenizer
+from .tiny_cascade import build_stable_cascade
 from .tiny_families import build_pixart_sigma, build_sana, build_sd1, build_sd2
 
 MARKER_NAME = "latentforge_tiny.json"
@@ -186,6 +187,7 @@ TINY_BUILDERS: dict[str, Callable[[Path, int], None]] = {
     "sd2": build_sd2,
     "pixart_sigma": build_pixart_sigma,
     "sana": build_sana,
+    "stable_cascade": build_stable_cascade,
 }
 
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal
 
+from latentforge.shared.config_schema import parse_ratio
+
 Size = tuple[int, int]
 
 # Aspect bounds come from YAML floats (0.33, 4.0); a bucket exactly on a bound must not fall out of the
@@ -39,8 +41,32 @@ def _aspect_key(size: Size) -> tuple[Fraction, int]:
     return Fraction(size[1], size[0]), size[0]
 
 
-def generate_buckets(resolution: int, step: int, min_aspect: float, max_aspect: float) -> tuple[Size, ...]:
-    """Buckets (h, w) for one resolution, sorted by aspect ratio w / h (see the module docstring)."""
+def ratio_buckets(resolution: int, step: int, ratios: Sequence[str | float]) -> tuple[Size, ...]:
+    """Buckets from an explicit list of aspect ratios w / h, as Stable Cascade's `Bucketeer` makes them.
+
+    Each ratio r and its reciprocal (Bucketeer's `reverse_list`) give (h, w) = (floor(sqrt(A / r) / step) * step,
+    floor(sqrt(A * r) / step) * step) with A = resolution**2 (`core/data/bucketeer.py`, density = image_size**2,
+    factor = 32), so the seed's `multi_aspect_ratio: [1/1, 1/2, ...]` can be written as it is.
+    """
+    target = resolution * resolution
+    found: set[Size] = set()
+    for value in ratios:
+        r = parse_ratio(value)
+        for q in (r, 1 / r):
+            h = int((target / float(q)) ** 0.5 // step * step)
+            w = int((target * float(q)) ** 0.5 // step * step)
+            if h >= step and w >= step:
+                found.add((h, w))
+    return tuple(sorted(found, key=_aspect_key))
+
+
+def generate_buckets(resolution: int, step: int, min_aspect: float, max_aspect: float,
+                     ratios: Sequence[str | float] | None = None) -> tuple[Size, ...]:
+    """Buckets (h, w) for one resolution, sorted by aspect ratio w / h (see the module docstring).
+
+    With `ratios` (buckets.aspect_ratios) the buckets are exactly those ratios' (`ratio_buckets`)."""
+    if ratios:
+        return ratio_buckets(resolution, step, ratios)
     if step <= 0 or resolution < step or resolution % step:
         raise ValueError(f"resolution ({resolution}) must be a positive multiple of step ({step})")
     if not 0 < min_aspect <= max_aspect:
@@ -63,20 +89,22 @@ def generate_buckets(resolution: int, step: int, min_aspect: float, max_aspect: 
 
 
 def generate_bucket_set(
-    resolutions: Sequence[int], step: int, min_aspect: float, max_aspect: float
+    resolutions: Sequence[int], step: int, min_aspect: float, max_aspect: float,
+    ratios: Sequence[str | float] | None = None,
 ) -> tuple[Size, ...]:
     """The union of `generate_buckets` over several resolutions, unique and sorted by aspect ratio."""
     found: set[Size] = set()
     for resolution in resolutions:
-        found.update(generate_buckets(resolution, step, min_aspect, max_aspect))
+        found.update(generate_buckets(resolution, step, min_aspect, max_aspect, ratios))
     return tuple(sorted(found, key=_aspect_key))
 
 
 def buckets_by_resolution(
-    resolutions: Sequence[int], step: int, min_aspect: float, max_aspect: float
+    resolutions: Sequence[int], step: int, min_aspect: float, max_aspect: float,
+    ratios: Sequence[str | float] | None = None,
 ) -> dict[int, tuple[Size, ...]]:
     """Map each resolution to its own buckets; `assign_bucket` should be given one of these values."""
-    return {r: generate_buckets(r, step, min_aspect, max_aspect) for r in resolutions}
+    return {r: generate_buckets(r, step, min_aspect, max_aspect, ratios) for r in resolutions}
 
 
 def assign_bucket(height: int, width: int, buckets: Sequence[Size]) -> Size:

@@ -107,6 +107,65 @@ class VaeEncoder:
         return run_halving_on_oom(lambda chunk: self._encode(torch.stack(list(chunk))), list(pixels))
 
 
+class EffnetEncoder:
+    """Stable Cascade's Stage C encoder (`effnet.py`) behind `VaeEncoder`'s interface: deterministic latents.
+
+    The weights come from `model.vae` (a folder or hub repo holding `effnet_encoder.safetensors`), else from
+    the pipeline folder's `effnet/` subfolder (the devkit's tiny model keeps it there). The latents are
+    cached as the encoder gives them (scaling 1.0: its BatchNorm already normalises them).
+    """
+
+    has_posterior = False
+    scaling_factor, shift_factor = 1.0, None
+
+    def __init__(self, config: Config, device: torch.device, sources: ModelSources | None = None) -> None:
+        from .effnet import load_effnet, to_effnet_input
+
+        if config.cache.latent_mode == "dist":
+            raise ValueError("cache.latent_mode=dist: Stable Cascade's EfficientNet encoder has no posterior; use mean")
+        folder = effnet_folder(config, sources)
+        self.model = load_effnet(folder).to(device, DTYPES[config.cache.vae_dtype]).requires_grad_(False)
+        self.device, self.dtype, self._prepare = device, DTYPES[config.cache.vae_dtype], to_effnet_input
+        self.latent_channels = int(self.model.mapper[0].out_channels)
+        self.downsample = 32  # EfficientNet's five stride-2 stages
+
+    @torch.inference_mode()
+    def _encode(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self._prepare(pixels.to(self.device, torch.float32)).to(self.dtype)
+        return {"latent_mean": self.model(x).float().cpu()}
+
+    def encode(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, 3, H, W) in [-1, 1] -> {"latent_mean"}: (B, 16, H/32, W/32) float32 on CPU."""
+        return run_halving_on_oom(lambda chunk: self._encode(torch.stack(list(chunk))), list(pixels))
+
+
+def effnet_folder(config: Config, sources: ModelSources | None = None) -> Path:
+    """The local folder holding the Stage C encoder weights (a hub `model.vae` is fetched at its commit)."""
+    from .effnet import WEIGHTS_NAME
+
+    if config.model.vae and is_local(config.model.vae):
+        return Path(config.model.vae)
+    if config.model.vae:
+        from huggingface_hub import hf_hub_download
+
+        revision = sources.vae.load_revision if sources is not None and sources.vae is not None else None
+        return Path(hf_hub_download(config.model.vae, WEIGHTS_NAME, revision=revision)).parent
+    sub = Path(config.model.pretrained) / family_facts(config.model.family).encoder_subfolder
+    if not sub.is_dir():
+        raise FileNotFoundError(f"model.vae: {config.model.pretrained} has no Stage C encoder; set model.vae to the "
+                                "folder or hub repo holding effnet_encoder.safetensors (stabilityai/StableCascade)")
+    return sub
+
+
+def load_latent_encoder(config: Config, device: torch.device, sources: ModelSources | None = None) -> Any:
+    """The family's image-to-latent encoder: a diffusers autoencoder, or Stable Cascade's EfficientNet."""
+    from latentforge.shared.families import EFFNET_CLASS
+
+    if family_facts(config.model.family).vae_class == EFFNET_CLASS:
+        return EffnetEncoder(config, device, sources)
+    return VaeEncoder(config, device, sources)
+
+
 def model_identity(config: Config, sources: ModelSources | None = None) -> dict[str, Any]:
     """What the cached tensors depend on in the model: weight hashes for local folders; for the hub, the id,
     the configured revision, the commit it resolved to (from `sources`, the job's resolved models; None
@@ -124,7 +183,7 @@ def model_identity(config: Config, sources: ModelSources | None = None) -> dict[
         files = {}
         for sub in subfolders:
             base = Path(src) / sub if sub else Path(src)
-            for p in sorted(base.glob("*")):
+            for p in sorted(base.glob("*")) if base.is_dir() else ():
                 if p.is_file() and p.suffix in (".safetensors", ".bin", ".json", ".txt", ".model"):
                     files[f"{sub}/{p.name}" if sub else p.name] = sha256_file(p)
         if not files:
@@ -139,5 +198,5 @@ def model_identity(config: Config, sources: ModelSources | None = None) -> dict[
     if m.vae:  # another repo: loaded at its own default branch, without the pipeline's variant (VaeEncoder)
         vae = one(m.vae, ("",), sources.vae if sources is not None else None, None, None)
     else:
-        vae = one(m.pretrained, ("vae",), pipe, m.revision, m.variant)
+        vae = one(m.pretrained, (family_facts(m.family).encoder_subfolder,), pipe, m.revision, m.variant)
     return model_identity_doc(text=text, vae=vae)

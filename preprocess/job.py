@@ -18,17 +18,17 @@ import os
 import signal
 import sys
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 
 from latentforge.preprocess.buckets import buckets_by_resolution, generate_bucket_set
 from latentforge.preprocess.cache_writer import CacheWriter
+from latentforge.preprocess.overlap import WriteBehind, ordered_map
 from latentforge.shared.cache_format import (
     UPSCALE_WEIGHT_SETTINGS,
     CacheSpec,
@@ -45,7 +45,8 @@ from latentforge.shared.preflight import check_model_paths
 
 from .captions import encode_variants, variant_settings
 from .dedupe import dedupe_across_shards, duplicate_owners_unchanged
-from .encoders import VaeEncoder, model_identity
+from .determinism import pin_deterministic, restored_backends
+from .encoders import load_latent_encoder, model_identity
 from .families import load_text_encoder
 from .generate import generate_class_images, generate_sources
 from .images import SkipSample
@@ -58,19 +59,6 @@ from .upscale import Upscaler
 
 log = logging.getLogger("latentforge.cache")
 PIPELINE_VERSION = 1  # bump when image preparation changes what is cached for the same inputs
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], ahead: int) -> Iterator[tuple[T, Future]]:
-    """Like `pool.map`, in input order, but bounded: at most `ahead` items in flight (memory stays flat)."""
-    window: deque[tuple[T, Future]] = deque()
-    for item in items:
-        window.append((item, pool.submit(fn, item)))
-        if len(window) >= ahead:
-            yield window.popleft()
-    while window:
-        yield window.popleft()
 
 
 class CacheJob:
@@ -81,15 +69,12 @@ class CacheJob:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
         if config.cache.deterministic:
-            # oneDNN picks conv algorithms by thread count, so 1 and 2 processes would differ in the last bit.
-            torch.backends.mkldnn.enabled = False
-            torch.backends.cudnn.deterministic = True
-            torch.backends.cudnn.benchmark = False
+            pin_deterministic(self.device)  # no oneDNN, one CPU thread, deterministic cuDNN (determinism.py)
         # Hub revisions resolve to commits once, first: every encoder loads the commit the fingerprint records.
         self.sources = resolve_model_sources(config)
         pinned = pinned_config(config, self.sources)
         try:
-            self.vae = VaeEncoder(pinned, self.device, self.sources)
+            self.vae = load_latent_encoder(pinned, self.device, self.sources)
         except OSError as exc:
             raise _load_error("model.vae" if config.model.vae else "model.pretrained",
                               config.model.vae or config.model.pretrained, "VAE", exc) from None
@@ -98,7 +83,8 @@ class CacheJob:
         except OSError as exc:
             raise _load_error("model.pretrained", config.model.pretrained, "text encoders", exc) from None
         self.resolutions = buckets_by_resolution(config.buckets.resolutions, config.buckets.step,
-                                                 config.buckets.min_aspect, config.buckets.max_aspect)
+                                                 config.buckets.min_aspect, config.buckets.max_aspect,
+                                                 config.buckets.aspect_ratios)
         self.upscaler = Upscaler.from_config(config.upscale, self.device) if config.upscale.enabled else None
         self.spec = self._build_spec()
         self.writer = CacheWriter(config.cache.path, self.spec, dict(config.cache.storage_options), overwrite=overwrite)
@@ -115,17 +101,20 @@ class CacheJob:
         inputs = fingerprint_inputs(pipeline_version=PIPELINE_VERSION, family=cfg.model.family,
                                     model=model_identity(cfg, self.sources), cache=cfg.cache.model_dump(),
                                     buckets=cfg.buckets.model_dump(), upscale=upscale, upscale_weights=weights)
+        control = None if cfg.cache.conditioning.kind == "none" else cfg.cache.conditioning.kind
         fields = cached_fields(cfg.model.family, latent_channels=self.vae.latent_channels, latent_mode=cfg.cache.latent_mode,
                                store_dtype=cfg.cache.store_dtype, text_tokens=self.text.tokens,
-                               text_dim=self.text.text_dim, pooled_dim=self.text.pooled_dim)
+                               text_dim=self.text.text_dim, pooled_dim=self.text.pooled_dim, conditioning=control)
         fields = with_caption_variants(fields, cfg.model.family, cfg.cache.caption_variants)
         return CacheSpec(
             family=cfg.model.family, fingerprint=compute_fingerprint(inputs), fields=fields,
-            buckets=generate_bucket_set(cfg.buckets.resolutions, cfg.buckets.step, cfg.buckets.min_aspect, cfg.buckets.max_aspect),
+            buckets=generate_bucket_set(cfg.buckets.resolutions, cfg.buckets.step, cfg.buckets.min_aspect, cfg.buckets.max_aspect,
+                                        cfg.buckets.aspect_ratios),
             latent_channels=self.vae.latent_channels, vae_downsample=self.vae.downsample,
             scaling_factor=self.vae.scaling_factor, shift_factor=self.vae.shift_factor,
             latent_mode=cfg.cache.latent_mode, store_dtype=cfg.cache.store_dtype, codec=cfg.cache.codec,
             shard_rows=cfg.cache.shard_rows, fingerprint_inputs=inputs, model_location=self.sources.location(),
+            conditioning=control,
         )
 
     # ---- prompts --------------------------------------------------------------------------------
@@ -156,36 +145,18 @@ class CacheJob:
         cfg = self.config
         skips = SkipCounter(max_examples=1000)
         stats = ShardStats()
-        reader = iter_shard(ref, source, skips, cfg.cache.missing_caption)
+        reader = iter_shard(ref, source, skips, cfg.cache.missing_caption, sidecar_name(cfg))
         group = self.writer.group(ref.group_id, {"url": ref.display_url, "kind": ref.kind},
                                   self.source_hash(ref, source),
                                   origin=SourceOrigin.of(ref.source_index, source.type, source.path))
-        pending: dict[tuple[int, int], list[Prepared]] = {}
-
-        def timed_prepare(raw: Any) -> tuple[list[Prepared] | SkipSample, float]:
-            t = time.perf_counter()
-            try:
-                return self.preparer(raw), time.perf_counter() - t
-            except SkipSample as exc:
-                return exc, time.perf_counter() - t
-
         t_read = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=cfg.cache.workers, thread_name_prefix="prepare") as pool:
-            for raw, future in ordered_map(pool, timed_prepare, _timed(reader, stats), ahead=4 * cfg.cache.workers):
-                result, seconds = future.result()
-                stats.add("prepare", seconds)
-                stats.seen += 1
-                if isinstance(result, SkipSample):
-                    skips.skip(result.reason, f"{raw.key}: {result.detail}")
-                    continue
-                for item in result:
-                    stats.count_upscale(item.upscale_method)
-                    batch = pending.setdefault(item.bucket, [])
-                    batch.append(item)
-                    if len(batch) >= cfg.cache.batch_size:
-                        self._encode_and_add(group, item.bucket, pending.pop(item.bucket), stats, skips)
-            for bucket in sorted(pending):
-                self._encode_and_add(group, bucket, pending[bucket], stats, skips)
+        writes = WriteBehind()  # compress and write a batch while the encoder computes the next
+        try:
+            self._prepare_encode_write(reader, group, writes, stats, skips)
+        finally:
+            writes.close()
+        stats.add("write", writes.written)
+        stats.add("write_wait", writes.waited)
         if reader.error == "shard_unreadable":
             # Possibly transient (network, permissions): leave it uncommitted so the next run retries it.
             group.abort()
@@ -200,8 +171,38 @@ class CacheJob:
         stats.skipped = sum(skips.counts.values())
         return group.commit(skipped=skips.as_dict(), stats={**stats.as_dict(), "input_content_hash": reader.content_hash})
 
+    def _timed_prepare(self, raw: Any) -> tuple[list[Prepared] | SkipSample, float]:
+        t = time.perf_counter()
+        try:
+            return self.preparer(raw), time.perf_counter() - t
+        except SkipSample as exc:
+            return exc, time.perf_counter() - t
+
+    def _prepare_encode_write(self, reader: Any, group: Any, writes: WriteBehind, stats: ShardStats,
+                              skips: SkipCounter) -> None:
+        """Prepare samples on worker threads (ahead of the encoder), encode full bucket batches, hand
+        their rows to the write thread."""
+        cfg = self.config
+        pending: dict[tuple[int, int], list[Prepared]] = {}
+        with ThreadPoolExecutor(max_workers=cfg.cache.workers, thread_name_prefix="prepare") as pool:
+            for raw, future in ordered_map(pool, self._timed_prepare, _timed(reader, stats), ahead=4 * cfg.cache.workers):
+                result, seconds = future.result()
+                stats.add("prepare", seconds)
+                stats.seen += 1
+                if isinstance(result, SkipSample):
+                    skips.skip(result.reason, f"{raw.key}: {result.detail}")
+                    continue
+                for item in result:
+                    stats.count_upscale(item.upscale_method)
+                    batch = pending.setdefault(item.bucket, [])
+                    batch.append(item)
+                    if len(batch) >= cfg.cache.batch_size:
+                        self._encode_and_add(group, item.bucket, pending.pop(item.bucket), stats, skips, writes)
+            for bucket in sorted(pending):
+                self._encode_and_add(group, bucket, pending[bucket], stats, skips, writes)
+
     def _encode_and_add(self, group: Any, bucket: tuple[int, int], items: list[Prepared], stats: ShardStats,
-                        skips: SkipCounter) -> None:
+                        skips: SkipCounter, writes: WriteBehind) -> None:
         try:
             rows = self._encode(items, stats)
         except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
@@ -209,11 +210,9 @@ class CacheJob:
                 skips.skip("encoder_error", f"{items[0].key}: {exc.__class__.__name__}: {str(exc)[:200]}")
                 return
             for item in items:  # find the one sample that fails; keep the rest
-                self._encode_and_add(group, bucket, [item], stats, skips)
+                self._encode_and_add(group, bucket, [item], stats, skips, writes)
             return
-        t = time.perf_counter()
-        group.add(bucket, rows)
-        stats.add("write", time.perf_counter() - t)
+        writes.submit(group.add, bucket, rows)
 
     def _encode(self, items: list[Prepared], stats: ShardStats) -> dict[str, Any]:
         t = time.perf_counter()
@@ -233,6 +232,8 @@ class CacheJob:
         rows["content_hash"] = np.frombuffer(b"".join(p.content_hash for p in items), np.uint8).reshape(len(items), 16)
         rows["key"] = [p.key for p in items]
         rows["upscale_method"] = np.array([method_code(p.upscale_method) for p in items], np.uint8)
+        if self.spec.conditioning:
+            rows["conditioning"] = np.stack([p.control for p in items])
         return rows
 
     # ---- the loop -------------------------------------------------------------------------------
@@ -271,10 +272,15 @@ def list_input_shards(config: Config) -> list[ShardRef]:
     """Every input shard, in the order ranks claim them (largest first). A source that cannot be listed
     is a config error (one line naming data.sources[i]), raised before anything is written."""
     try:
-        refs = list_shards(config.data.sources)
+        refs = list_shards(config.data.sources, sidecar_name(config))
     except ValueError as exc:
         raise ConfigError(f"config error: {exc}") from None
     return sorted(refs, key=lambda r: (-int(r.identity.get("size") or 0), r.group_id))
+
+
+def sidecar_name(config: Config) -> str | None:
+    """The sidecar maps' name part (`KEY.<name>.png`) when the cache stores sidecar control images."""
+    return config.cache.conditioning.sidecar if config.cache.conditioning.kind == "sidecar" else None
 
 
 def _load_error(key: str, value: str, what: str, exc: BaseException) -> ConfigError:
@@ -321,13 +327,8 @@ def _distributed() -> tuple[int, int, Callable[[], int], Callable[[], None]]:
 
 def run_cache(config: Config, overwrite: bool = False) -> int:
     """Run this process's share of the cache job; rank 0 writes the summary. Returns an exit code."""
-    flags = (torch.backends.mkldnn.enabled, torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    try:
+    with restored_backends():
         return _run_cache(config, overwrite)
-    finally:
-        # In-process callers (tests, notebooks) get their backend switches back: the cache job's
-        # determinism settings must not change the numerics of a trainer run in the same process.
-        torch.backends.mkldnn.enabled, torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
 
 
 def _run_cache(config: Config, overwrite: bool) -> int:

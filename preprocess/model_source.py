@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from latentforge.shared.config import Config
+from latentforge.shared.families import family_facts
 from latentforge.shared.hub_revision import DEFAULT_REVISION, PIPELINE_MARKER, VAE_MARKER, resolve_commit
 from latentforge.shared.model_check import folder_location, hub_location, model_location_doc
 
@@ -77,7 +78,8 @@ def resolve_model_sources(config: Config) -> ModelSources:
     """Resolve `model.pretrained` (at `model.revision`) and `model.vae`. A separate hub VAE is another repo,
     so the pipeline's revision does not apply to it: it is taken at its default branch."""
     pretrained = resolve_source(config.model.pretrained, config.model.revision, PIPELINE_MARKER, "model.pretrained")
-    vae = resolve_source(config.model.vae, None, VAE_MARKER, "model.vae") if config.model.vae else None
+    marker = family_facts(config.model.family).encoder_marker if config.model.family else VAE_MARKER
+    vae = resolve_source(config.model.vae, None, marker, "model.vae") if config.model.vae else None
     return ModelSources(pretrained, vae)
 
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from PIL import Image
 
-from latentforge.preprocess.buckets import assign_bucket, needs_upscale, plan_crop
+from latentforge.preprocess.buckets import CropPlan, assign_bucket, needs_upscale, plan_crop
 from latentforge.shared.cache_format import UPSCALE_METHODS
 from latentforge.shared.config import Config
 
 from .captions import caption_variants
+from .conditioning import ControlMaker, decode_sidecar
 from .images import SkipSample, content_hash, decode_image, hflip, resize_and_crop, to_tensor
 from .sources import RawSample
 from .upscale import Upscaler
@@ -35,6 +38,7 @@ class Prepared:
     content_hash: bytes
     upscale_method: str
     captions: tuple[str, ...] = ()  # every caption variant (the first is `caption`) when cache.caption_variants > 1
+    control: np.ndarray | None = None  # (C, H, W) uint8 control image when `cache.conditioning` is on
 
 
 class Preparer:
@@ -45,6 +49,7 @@ class Preparer:
         self.config = config
         self.buckets = buckets_by_resolution
         self.upscaler = upscaler
+        self.control = ControlMaker(config.cache.conditioning) if config.cache.conditioning.kind != "none" else None
 
     def __call__(self, raw: RawSample) -> list[Prepared]:
         cfg = self.config
@@ -55,6 +60,10 @@ class Preparer:
         digest = content_hash(raw.image)
         n = cfg.cache.caption_variants
         captions = caption_variants(raw.caption, raw.metadata or {}, cfg.data.sources[raw.source_index], n, raw.key) if n > 1 else ()
+        sidecar = None
+        if cfg.cache.conditioning.kind == "sidecar":
+            sidecar = decode_sidecar(raw.sidecar, raw.key, cfg.cache.conditioning.sidecar, (height, width),
+                                     cfg.cache.max_pixels)
         out: list[Prepared] = []
         for resolution, buckets in self.buckets.items():
             bucket = assign_bucket(height, width, buckets)
@@ -66,12 +75,19 @@ class Preparer:
                     source, method = self.upscaler.upscale(img, plan.resized)
             pixels = resize_and_crop(source, plan.resized, plan.crop_top_left, plan.target)
             out.append(Prepared(raw.key, raw.caption, bucket, to_tensor(pixels), (height, width), plan.crop_top_left,
-                                digest, method, captions))
+                                digest, method, captions, self._control(pixels, sidecar, plan, False)))
             if cfg.cache.flip:
-                flipped = plan.flip()
-                out.append(Prepared(f"{raw.key}#flip", raw.caption, bucket, to_tensor(hflip(pixels)), (height, width),
-                                    flipped.crop_top_left, digest, method, captions))
+                flipped, mirrored = plan.flip(), hflip(pixels)
+                out.append(Prepared(f"{raw.key}#flip", raw.caption, bucket, to_tensor(mirrored), (height, width),
+                                    flipped.crop_top_left, digest, method, captions,
+                                    self._control(mirrored, sidecar, plan, True)))
         return out
+
+    def _control(self, crop: Image.Image, sidecar: Image.Image | None, plan: CropPlan, flip: bool) -> np.ndarray | None:
+        """The control image of a crop, cut with the image's own (unflipped) plan, then flipped like it."""
+        if self.control is None:
+            return None
+        return self.control(crop, sidecar, plan.resized, plan.crop_top_left, flip)
 
 
 def method_code(method: str) -> int:

@@ -86,8 +86,12 @@ def _fail_listing(i: int, shown: str, exc: BaseException) -> ValueError:
     )
 
 
-def list_shards(sources: list[SourceConfig]) -> list[ShardRef]:
+def list_shards(sources: list[SourceConfig], sidecar: str | None = None) -> list[ShardRef]:
     """Every input shard of every source, in a deterministic order (source order, then shard order).
+
+    `sidecar` (`cache.conditioning.sidecar` when the kind is sidecar): in folders, `KEY.<sidecar>.png`
+    is the conditioning map of `KEY.<ext>`, a member of its shard (so an edited map re-caches it), not an
+    image of its own.
 
     Raises ValueError (one line naming the source index, the path and the fix) for a source that matches
     nothing or has an invalid filter. Members of a brace range that do not exist are still listed (with
@@ -97,7 +101,7 @@ def list_shards(sources: list[SourceConfig]) -> list[ShardRef]:
     refs: list[ShardRef] = []
     for i, source in enumerate(sources):
         validate_filters(i, source.filters)
-        found = _list_folder(i, source) if source.type in ("folder", "generate") else _list_tars(i, source)
+        found = _list_folder(i, source, sidecar) if source.type in ("folder", "generate") else _list_tars(i, source)
         log.info("source %d: %d shards from %s", i, len(found), redact_url(source.path))
         refs.extend(found)
     return refs
@@ -209,7 +213,7 @@ def _rel_name(url: str, base: str) -> str:
     return path[len(root):] if path.startswith(root) else path.rsplit("/", 1)[-1]
 
 
-def _list_folder(i: int, source: SourceConfig) -> list[ShardRef]:
+def _list_folder(i: int, source: SourceConfig, sidecar: str | None = None) -> list[ShardRef]:
     shown = redact_url(source.path)
     try:
         fs, root = url_to_fs(source.path, **fs_options(source, source.path))
@@ -230,6 +234,13 @@ def _list_folder(i: int, source: SourceConfig) -> list[ShardRef]:
         if info.get("type") != "directory" and not any(p.startswith(".") for p in rel.split("/")):
             files[rel] = info
     images = sorted(r for r in files if "." in r.rsplit("/", 1)[-1] and r.rsplit(".", 1)[1].lower() in IMAGE_EXTS)
+    maps: dict[str, list[str]] = {}  # image stem -> its sidecar maps
+    for r in images:
+        stem = _sidecar_stem(r, sidecar) if sidecar else None
+        if stem is not None:
+            maps.setdefault(stem, []).append(r)
+    taken = {m for found in maps.values() for m in found}
+    images = [r for r in images if r not in taken]
     if not images:
         raise ValueError(
             f"data.sources[{i}].path {shown!r} holds no images ({', '.join(IMAGE_EXTS)}); fix the path, "
@@ -241,7 +252,7 @@ def _list_folder(i: int, source: SourceConfig) -> list[ShardRef]:
         members: list[list[Any]] = []
         for rel in images[start : start + source.shard_size]:
             stem = rel.rsplit(".", 1)[0]
-            for name in (rel, f"{stem}.txt", f"{stem}.json"):
+            for name in (rel, *maps.get(stem, ()), f"{stem}.txt", f"{stem}.json"):
                 if name in files:  # sidecars count: an edited caption must re-cache the shard
                     facts = stat_facts(files[name])
                     stamp = next((facts[k] for k in ("mtime", "ETag", "etag", "LastModified") if k in facts), None)
@@ -252,3 +263,11 @@ def _list_folder(i: int, source: SourceConfig) -> list[ShardRef]:
         refs.append(ShardRef(group_id(i, virtual_shard_name(n)), i, root_url, "folder", identity,
                              identity_hash(identity), source.repeats))
     return refs
+
+
+def _sidecar_stem(rel: str, sidecar: str) -> str | None:
+    """`KEY` when folder file `rel` is `KEY.<sidecar>.<image ext>`, else None."""
+    parts = rel.rsplit(".", 2)
+    if len(parts) == 3 and parts[1] == sidecar and parts[2].lower() in IMAGE_EXTS and "/" not in parts[1]:
+        return parts[0]
+    return None

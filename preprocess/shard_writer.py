@@ -144,13 +144,24 @@ class RowShardWriter(_ArrayWriter):
         self._write_metadata()
 
     def _write_shard(self, shard: int, chunks: list[bytes]) -> None:
+        """The shard file: each distinct chunk once, then the index. Rows whose encoded bytes are identical
+        (the text embeddings of samples that share a caption) point at the same byte range: the sharding
+        index is (offset, nbytes) per chunk, and nothing in the format says two chunks may not share one,
+        so every Zarr v3 reader still returns every row as written."""
         index = np.full((self.shard_rows, 2), _EMPTY, dtype="<u8")
-        sizes = np.fromiter((len(c) for c in chunks), dtype=np.uint64, count=len(chunks))
-        index[: len(chunks), 0] = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.uint64)
-        index[: len(chunks), 1] = sizes
+        stored: dict[bytes, int] = {}
+        body: list[bytes] = []
+        offset = 0
+        for i, chunk in enumerate(chunks):
+            at = stored.get(chunk)
+            if at is None:
+                at = stored[chunk] = offset
+                body.append(chunk)
+                offset += len(chunk)
+            index[i] = (at, len(chunk))
         raw = index.tobytes()
         self.storage.write_bytes(self._chunk_file(shard),
-                                 b"".join([*chunks, raw, google_crc32c.value(raw).to_bytes(4, "little")]))
+                                 b"".join([*body, raw, google_crc32c.value(raw).to_bytes(4, "little")]))
 
     def _read_part_filled_shard(self) -> list[bytes]:
         held = self.rows % self.shard_rows

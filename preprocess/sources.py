@@ -41,18 +41,21 @@ class RawSample:
     caption: str
     metadata: dict[str, Any]
     source_index: int
+    sidecar: bytes | None = None  # the conditioning map `<key>.<name>.<ext>` when one is asked for and present
 
 
 # ------------------------------------------------------------------------------------------- reading
 
 
-def iter_shard(ref: ShardRef, source: SourceConfig, stats: SkipCounter, missing_caption: str = "skip") -> ShardReader:
+def iter_shard(ref: ShardRef, source: SourceConfig, stats: SkipCounter, missing_caption: str = "skip",
+               sidecar: str | None = None) -> ShardReader:
     """Stream the samples of one shard; see `ShardReader` for the content hash and shard errors.
 
     `missing_caption="empty"` keeps samples without a caption, with "" as caption (they then train
-    unconditionally); "skip" drops them as `no_caption`.
+    unconditionally); "skip" drops them as `no_caption`. `sidecar` (e.g. "depth") attaches each sample's
+    `<key>.depth.<image ext>` member or file as `RawSample.sidecar` (None when it has none).
     """
-    return ShardReader(ref, source, stats, missing_caption)
+    return ShardReader(ref, source, stats, missing_caption, sidecar)
 
 
 class ShardReader:
@@ -64,8 +67,9 @@ class ShardReader:
     before such an error are valid and stay yielded. Iterate once: it streams.
     """
 
-    def __init__(self, ref: ShardRef, source: SourceConfig, stats: SkipCounter, missing_caption: str = "skip") -> None:
-        self.missing_caption = missing_caption
+    def __init__(self, ref: ShardRef, source: SourceConfig, stats: SkipCounter, missing_caption: str = "skip",
+                 sidecar: str | None = None) -> None:
+        self.missing_caption, self.sidecar = missing_caption, sidecar
         self.ref, self.source, self.stats = ref, source, stats
         self.error: str | None = None
         self.yielded = 0
@@ -130,7 +134,7 @@ class ShardReader:
         groups: list[tuple[str, list[str]]] = []
         for rel, _size, _stamp in self.ref.identity["members"]:
             stem, ext = rel.rsplit(".", 1)
-            if ext.lower() in IMAGE_EXTS:
+            if ext.lower() in IMAGE_EXTS and not (groups and _is_sidecar(rel, groups[-1][0], self.sidecar)):
                 groups.append((stem, [rel]))
             else:
                 groups[-1][1].append(rel)
@@ -146,7 +150,7 @@ class ShardReader:
                 # Framing (path, length) keeps renames and split points from hashing alike.
                 self._digest.update(f"{rel}\0{len(data)}\0".encode())
                 self._digest.update(data)
-                files[rel.rsplit(".", 1)[1].lower()] = data
+                files[rel[len(key) + 1:].lower()] = data  # "jpg", "txt", or a sidecar's "depth.png"
             else:
                 yield from self._emit(key, files)
 
@@ -195,4 +199,12 @@ class ShardReader:
                 return
             caption = ""
         self.yielded += 1
-        yield RawSample(key, files[ext], ext, caption.strip(), meta, self.ref.source_index)
+        side = next((files[f"{self.sidecar}.{e}"] for e in IMAGE_EXTS if f"{self.sidecar}.{e}" in files), None)
+        yield RawSample(key, files[ext], ext, caption.strip(), meta, self.ref.source_index, side if self.sidecar else None)
+
+
+def _is_sidecar(rel: str, stem: str, sidecar: str | None) -> bool:
+    """Whether folder member `rel` is the `<stem>.<sidecar>.<image ext>` map of the image of `stem`."""
+    if not sidecar or not rel.startswith(f"{stem}.{sidecar}."):
+        return False
+    return rel[len(stem) + len(sidecar) + 2:].lower() in IMAGE_EXTS

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from .conditioning_format import CONDITIONING_FIELD, conditioning_settings
 from .secrets import redact_url
 
 FORMAT_VERSION = 2  # 2: keys are zero-padded UTF-8 bytes (uint8), manifests record their source
@@ -73,7 +74,8 @@ class CacheMismatchError(CacheFormatError):
 @dataclass(frozen=True)
 class FieldSpec:
     """One cached per-sample field. `shape` is the per-sample shape, "h"/"w" standing for the latent height
-    and width of the bucket (pixels / VAE downsampling); a `utf8` field has shape (bytes,)."""
+    and width of the bucket (pixels / VAE downsampling), "H"/"W" for its height and width in pixels (the
+    conditioning image); a `utf8` field has shape (bytes,)."""
 
     name: str
     shape: tuple[int | str, ...]
@@ -91,7 +93,8 @@ class FieldSpec:
     def row_shape(self, bucket: tuple[int, int], downsample: int) -> tuple[int, ...]:
         """Concrete per-sample shape for a bucket (height, width in pixels)."""
         h, w = bucket
-        return tuple(h // downsample if d == "h" else w // downsample if d == "w" else int(d) for d in self.shape)
+        sizes = {"h": h // downsample, "w": w // downsample, "H": h, "W": w}
+        return tuple(sizes[d] if isinstance(d, str) and d in sizes else int(d) for d in self.shape)
 
     @property
     def storage_dtype(self) -> str:
@@ -240,6 +243,7 @@ class CacheSpec:
     shard_rows: int = 256
     fingerprint_inputs: Mapping[str, Any] = field(default_factory=dict)
     model_location: Mapping[str, Any] = field(default_factory=dict)  # a hint, not fingerprinted (model_check.py)
+    conditioning: str | None = None  # `cache.conditioning.kind` when the cache holds control images
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -253,6 +257,8 @@ class CacheSpec:
         for h, w in self.buckets:
             if h % self.vae_downsample or w % self.vae_downsample:
                 raise ValueError(f"bucket {h}x{w} is not divisible by the VAE downsampling {self.vae_downsample}")
+        if (self.conditioning is None) != (CONDITIONING_FIELD not in names):
+            raise ValueError(f"conditioning {self.conditioning!r} and the {CONDITIONING_FIELD!r} field go together")
 
     def field(self, name: str) -> FieldSpec:
         for f in self.fields:
@@ -264,6 +270,8 @@ class CacheSpec:
         doc = asdict(self)
         doc["fields"] = [asdict(f) for f in self.fields]
         doc["buckets"] = [bucket_name(b) for b in self.buckets]
+        if doc["conditioning"] is None:  # a cache without control images reads as before, older readers too
+            del doc["conditioning"]
         return json.dumps(doc, indent=2, sort_keys=True)
 
     @classmethod
@@ -382,9 +390,12 @@ def fingerprint_inputs(*, pipeline_version: int, family: str, model: Mapping[str
     `upscale_weights` the sha256 (or None) of the file each of `UPSCALE_WEIGHT_SETTINGS` names."""
     up = {k: v for k, v in upscale.items() if k not in UPSCALE_WEIGHT_SETTINGS}
     up.update({k.replace("_path", "_sha256"): upscale_weights.get(k) for k in UPSCALE_WEIGHT_SETTINGS})
+    cached = {k: cache[k] for k in FINGERPRINT_CACHE_SETTINGS}
+    control = conditioning_settings(cache.get("conditioning"))
+    if control:  # only when on: a cache without control images keeps the fingerprint it always had
+        cached["conditioning"] = control
     return {"pipeline_version": pipeline_version, "family": family, FP_MODEL: dict(model),
-            "cache": {k: cache[k] for k in FINGERPRINT_CACHE_SETTINGS} | _variants(cache), "buckets": dict(buckets),
-            "upscale": up}
+            "cache": cached | _variants(cache), "buckets": dict(buckets), "upscale": up}
 
 
 def _variants(cache: Mapping[str, Any]) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from .cache_format import (
     parse_bucket_name,
 )
 from .model_check import check_model_files
+from .read_through import ReadThroughCache
 from .row_reader import RowFieldReader
 from .storage import Storage
 
@@ -54,7 +55,10 @@ class _FieldLayout:
 class CacheReader:
     """An opened cache: its spec, committed groups, bucket counts and batched row reads."""
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *,
+                 read_through: tuple[str, int] | None = None) -> None:
+        """Open the cache at `url`. `read_through`: (folder, bytes) for local copies of the shard files of a
+        cache on an object store (`read_through.py`); ignored for a local cache."""
         self.storage = Storage(url, storage_options)
         self.url = self.storage.url
         if not self.storage.exists(CACHE_JSON):
@@ -80,7 +84,9 @@ class CacheReader:
             ids = [g.group_id for g in self.groups if g.bucket_counts.get(name, 0) > 0]
             self._bucket_groups[name] = ids
             self._bucket_offsets[name] = np.cumsum([0] + [self._by_id[i].bucket_counts[name] for i in ids])
-        self._rows = RowFieldReader(self.storage, self._by_id)
+        copies = (ReadThroughCache(self.storage, read_through[0], read_through[1])
+                  if read_through and not self.storage.is_local else None)
+        self._rows = RowFieldReader(self.storage, self._by_id, read_through=copies)
         # (bucket, field) -> (that field over all the bucket's rows, the group indexes loaded into it)
         self._small: dict[tuple[str, str], tuple[np.ndarray, set[int]]] = {}
         self._layouts: dict[tuple[tuple[int, int], tuple[str, ...] | None], list[_FieldLayout]] = {}
@@ -154,6 +160,7 @@ class CacheReader:
         flat_np = flat.numpy()
         out: dict[str, Any] = {}
         offset = 0
+        big = []  # per-row fields, read together: one round of requests for all of them on an object store
         for f in layout:
             if not f.tensor:
                 out[f.spec.name] = self._read_small_field(name, f.spec, gidx, local).tolist()
@@ -161,11 +168,12 @@ class CacheReader:
             shape, nbytes = (n, *f.row_shape), f.row_nbytes * n
             arr = flat_np[offset: offset + nbytes].view(f.spec.storage_dtype).reshape(shape)
             if f.per_row:
-                self._rows.read(self._bucket_groups[name], name, f.spec, gidx, local, arr)
+                big.append((self._bucket_groups[name], name, f.spec, gidx, local, arr))
             else:
                 arr[...] = self._read_small_field(name, f.spec, gidx, local)
             out[f.spec.name] = flat[offset: offset + nbytes].view(f.torch_dtype).view(shape)
             offset += -(-nbytes // _ALIGN) * _ALIGN  # aligned, so every dtype can view its slice
+        self._rows.read_fields(big)
         return out
 
     def _layout(self, bucket: tuple[int, int], fields: tuple[str, ...] | None) -> list[_FieldLayout]:

@@ -7,6 +7,7 @@ applying overrides and phrasing errors live in `config.py`; this module only dec
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -46,6 +47,17 @@ def credential_in_config(tree: Any) -> tuple[str | None, bool]:
     return None, False
 
 
+def parse_ratio(value: str | float) -> Fraction:
+    """An aspect ratio w / h written as a fraction ("9/16") or a number (0.5625), as an exact positive Fraction."""
+    try:
+        ratio = Fraction(str(value).strip())
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"buckets.aspect_ratios: {value!r} is not a ratio like 9/16 or 0.75") from None
+    if ratio <= 0:
+        raise ValueError(f"buckets.aspect_ratios: {value!r} must be positive")
+    return ratio
+
+
 class _Section(BaseModel):
     # Strict: a misspelt key must fail loudly, and "1e-5" in YAML must not silently become a string.
     model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
@@ -59,7 +71,12 @@ class ModelConfig(_Section):
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit) to pin.")
     variant: str | None = Field(default=None, description="Weight variant to load, e.g. fp16.")
     vae: str | None = Field(
-        default=None, description="Optional separate VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix."
+        default=None, description="Optional separate VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix; "
+        "stable_cascade: the folder or hub repo holding effnet_encoder.safetensors (stabilityai/StableCascade).",
+    )
+    decoder: str | None = Field(
+        default=None, description="stable_cascade: the Stage B + A pipeline for validation images (folder or hub id, "
+        "e.g. stabilityai/stable-cascade); default <pretrained>/decoder when that folder exists.",
     )
 
     def pins(self, *, weights: bool = True) -> dict[str, str]:
@@ -154,6 +171,12 @@ class BucketsConfig(_Section):
     step: int = Field(default=64, ge=8, description="Bucket sides are multiples of this (pixels).")
     min_aspect: float = Field(default=0.25, gt=0, description="Smallest width/height ratio of a bucket.")
     max_aspect: float = Field(default=4.0, gt=0, description="Largest width/height ratio of a bucket.")
+    aspect_ratios: list[str | float] | None = Field(
+        default=None,
+        description="Explicit bucket aspect ratios w/h (e.g. ['1/1', '9/16'], Stable Cascade's multi_aspect_ratio); "
+        "each and its reciprocal, area close to res**2, sides floored to step. Unset: every ratio in "
+        "[min_aspect, max_aspect].",
+    )
     min_resolution: int = Field(default=0, ge=0, description="Skip images whose shorter side is below this.")
     crop: Literal["center", "random"] = Field(
         default="center", description="Crop after cover-resize; random is seeded by the sample key."
@@ -166,6 +189,8 @@ class BucketsConfig(_Section):
         for r in self.resolutions:
             if r < self.step or r % self.step:
                 raise ValueError(f"resolutions: {r} must be a positive multiple of step ({self.step})")
+        for value in self.aspect_ratios or ():
+            parse_ratio(value)
         return self
 
 
@@ -180,6 +205,28 @@ class UpscaleConfig(_Section):
     face_model_path: str | None = Field(default=None, description="GFPGAN .pth for face restoration (optional).")
     tile: int = Field(default=256, ge=32, description="Tile size in pixels so large images fit in memory.")
     tile_pad: int = Field(default=16, ge=0, description="Overlap between tiles, in pixels.")
+
+
+class ConditioningConfig(_Section):
+    kind: Literal["none", "canny", "image", "inpaint", "sidecar"] = Field(
+        default="none",
+        description="Control image cached beside each latent (ControlNet): canny edges (computed here), image "
+        "(the crop; tile/super-resolution), inpaint (the crop; masks drawn at train time), sidecar "
+        "(`<key>.<sidecar>.png` shipped with each image), none.",
+    )
+    canny_low: float = Field(default=100.0, ge=0, description="Canny hysteresis low threshold (0-255 gradient units).")
+    canny_high: float = Field(default=200.0, ge=0, description="Canny hysteresis high threshold (0-255 gradient units).")
+    canny_sigma: float = Field(default=1.0, ge=0, description="Gaussian smoothing before Canny, in pixels.")
+    sidecar: str = Field(
+        default="depth", pattern=r"^[a-z0-9_]+$",
+        description="kind sidecar: the map of sample KEY is the member/file KEY.<sidecar>.<png|jpg|webp|...>.",
+    )
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> ConditioningConfig:
+        if self.canny_low > self.canny_high:
+            raise ValueError(f"canny_low ({self.canny_low}) must be <= canny_high ({self.canny_high})")
+        return self
 
 
 class CacheConfig(_Section):
@@ -219,7 +266,8 @@ class CacheConfig(_Section):
     deterministic: bool = Field(
         default=True,
         description="Bitwise-identical tensors whatever the process/thread count: CPU runs without oneDNN "
-        "(about 2x slower VAE on CPU), CUDA with deterministic cuDNN.",
+        "(about 2x slower VAE on CPU) on one thread per process (more cores: more torchrun processes), "
+        "CUDA with deterministic cuDNN.",
     )
     missing_caption: Literal["skip", "empty"] = Field(
         default="skip", description="A sample without a caption: skip it, or cache it with the empty prompt."
@@ -228,6 +276,9 @@ class CacheConfig(_Section):
         default=1, ge=1, le=16,
         description="Captions encoded per image (the caption, data.sources[*].extra_caption_fields, tag shuffles); "
         "the trainer picks one per sample and step. Each extra variant costs one more text embedding per sample.",
+    )
+    conditioning: ConditioningConfig = Field(
+        default_factory=ConditioningConfig, description="ControlNet control images cached per sample."
     )
 
 
@@ -258,8 +309,12 @@ class EdmConfig(_Section):
 class EmaConfig(_Section):
     enabled: bool = Field(default=False, description="Keep an exponential moving average of the trained weights (fp32).")
     decay: float = Field(default=0.9999, gt=0, lt=1, description="EMA decay per update.")
-    start_step: int = Field(default=0, ge=0, description="Optimizer step at which EMA updates begin.")
-    update_every: int = Field(default=1, ge=1, description="Update the EMA every N optimizer steps.")
+    start_step: int = Field(
+        default=0, ge=0,
+        description="Until this optimizer step (included) each update copies the weights; after it, it averages "
+        "with `decay` (Stable Cascade's ema_start_iters).",
+    )
+    update_every: int = Field(default=1, ge=1, description="Update the EMA every N optimizer steps (ema_iters).")
 
 
 class LoraSection(_Section):
@@ -271,6 +326,18 @@ class LoraSection(_Section):
         description="Module names or regex (peft target_modules) that get adapters; default: attention projections.",
     )
     dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
+
+
+class ControlNetSection(_Section):
+    enabled: bool = Field(
+        default=False, description="Train a ControlNet (initialised from the UNet, which stays frozen) on the "
+        "cache's control images (cache.conditioning); SD 1.x and SDXL.",
+    )
+    pretrained: str | None = Field(default=None, description="Start from this ControlNet (hub id or folder) instead.")
+    conditioning_scale: float = Field(default=1.0, gt=0, description="Scale of the ControlNet residuals.")
+    degrade_factor: int = Field(
+        default=4, ge=1, description="kind image: the control is the crop shrunk by this factor and enlarged back."
+    )
 
 
 class TrainConfig(_Section):
@@ -324,12 +391,16 @@ class TrainConfig(_Section):
     flow_shift: float | None = Field(default=None, gt=0, description="Flow-matching shift; default the scheduler's.")
     logit_mean: float = Field(default=0.0, description="Mean of the logit-normal noise-level distribution.")
     logit_std: float = Field(default=1.0, gt=0, description="Std of the logit-normal noise-level distribution.")
+    gdf_shift: float = Field(
+        default=1.0, gt=0, description="Stable Cascade: GDF schedule shift (logSNR + 2 log(1/shift)); 1 as Stage C was trained."
+    )
     caption_dropout: float = Field(default=0.0, ge=0, le=1, description="Probability of training on the empty prompt.")
     micro_conditioning_dropout: float = Field(
         default=0.0, ge=0, le=1, description="Probability of zeroing SDXL's size/crop conditioning for a sample."
     )
     ema: EmaConfig = Field(default_factory=EmaConfig, description="Exponential moving average of the weights.")
     lora: LoraSection = Field(default_factory=LoraSection, description="Low-rank adapters (peft) on the denoiser.")
+    controlnet: ControlNetSection = Field(default_factory=ControlNetSection, description="ControlNet training.")
     held_out_fraction: float = Field(
         default=0.0, ge=0, lt=1, description="Fraction of samples (by key hash) kept out of training for validation."
     )
@@ -337,10 +408,23 @@ class TrainConfig(_Section):
     validation_inference_steps: int = Field(default=20, ge=1, description="Denoising steps for validation images.")
     checkpoint_every: int = Field(default=500, ge=1, description="Save a DeepSpeed checkpoint every N steps.")
     keep_last: int = Field(default=3, ge=1, description="Checkpoints to keep.")
+    backup_every: int = Field(
+        default=0, ge=0,
+        description="Also keep every checkpoint whose step is a multiple of this, outside the keep_last rotation "
+        "(Stable Cascade's backup_every; 0: off). Such a step is always checkpointed.",
+    )
     resume: str | None = Field(default=None, description="'latest', a checkpoint folder, or unset for a fresh run.")
     log_every: int = Field(default=10, ge=1, description="TensorBoard scalars every N steps.")
     num_workers: int = Field(default=2, ge=0, description="DataLoader worker processes reading the cache.")
     prefetch_factor: int = Field(default=4, ge=1, description="Batches each worker reads ahead.")
+    read_ahead: int | None = Field(
+        default=None, ge=0, description="Micro-batches each worker reads concurrently ahead (threads); unset: 16 "
+        "when cache.path is on an object store (hides its per-request latency), 0 on a local disk.")
+    read_through_dir: str | None = Field(
+        default=None, description="Object-store caches: a local folder for copies of the shard files read, so "
+        "later epochs read at local-disk speed (several workers and ranks may share it).")
+    read_through_gb: float = Field(default=100.0, gt=0, description="Most GB read_through_dir may hold; least "
+                                   "recently used copies are deleted beyond it.")
 
 
 class Config(_Section):

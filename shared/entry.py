@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from .cache_format import CacheFormatError
 from .config import ConfigError, describe_config
+from .range_reads import StorageReadError
 from .storage import StorageWriteError
 
 EXIT_USAGE = 2
@@ -41,7 +42,7 @@ def run_guarded(command: str, handler: Callable[[argparse.Namespace], int | None
     except (FileNotFoundError, CacheFormatError) as exc:
         print(f"latentforge {command}: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
-    except StorageWriteError as exc:  # disk full, permission denied: the environment, not the config
+    except (StorageWriteError, StorageReadError) as exc:  # disk full, a failing store: the environment
         print(f"latentforge {command}: {one_line(exc)}", file=sys.stderr)
         return EXIT_FAILURE
 

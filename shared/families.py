@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .cache_format import FieldSpec, common_fields
+from .conditioning_format import CONDITIONING_FIELD, conditioning_channels
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,10 @@ class FamilyFacts:
     has_text_mask: bool  # the text embedding travels with an attention mask (T5, Gemma)
     micro_conditioning: bool  # SDXL-style add_time_ids from original size, crop and target size
     text_max_tokens: int  # tokens per prompt window the family was trained with
-    vae_class: str = "AutoencoderKL"  # diffusers autoencoder class (KL posterior, or SANA's deterministic DC-AE)
+    vae_class: str = "AutoencoderKL"  # diffusers autoencoder class (KL posterior, SANA's DC-AE), or Stable Cascade's
+    # EfficientNet Stage C encoder ("EfficientNetEncoder", ours: diffusers has none)
+    encoder_subfolder: str = "vae"  # where the latent encoder lives in the pipeline folder when model.vae is unset
+    encoder_marker: str = "config.json"  # the file a standalone latent-encoder repo (model.vae) has at its top
 
 
 FAMILY_FACTS: dict[str, FamilyFacts] = {
@@ -35,7 +39,13 @@ FAMILY_FACTS: dict[str, FamilyFacts] = {
     "pixart_sigma": FamilyFacts("pixart_sigma", 8, 64, has_pooled=False, has_text_mask=True, micro_conditioning=False, text_max_tokens=300),
     "sana": FamilyFacts("sana", 32, 32, has_pooled=False, has_text_mask=True, micro_conditioning=False, text_max_tokens=300,
                          vae_class="AutoencoderDC"),
+    # Stage C of Stable Cascade: 16-channel EfficientNetV2-S latents at 1/32 of the image (768 px -> 24x24),
+    # CLIP ViT-bigG last hidden state (77x1280) + pooled projection (1280).
+    "stable_cascade": FamilyFacts("stable_cascade", 32, 32, has_pooled=True, has_text_mask=False,
+                                   micro_conditioning=False, text_max_tokens=77, vae_class="EfficientNetEncoder",
+                                   encoder_subfolder="effnet", encoder_marker="effnet_encoder.safetensors"),
 }
+EFFNET_CLASS = "EfficientNetEncoder"
 
 
 def family_facts(family: str) -> FamilyFacts:
@@ -54,10 +64,13 @@ def cached_fields(
     text_tokens: int,
     text_dim: int,
     pooled_dim: int | None = None,
+    conditioning: str | None = None,
 ) -> tuple[FieldSpec, ...]:
-    """The fields a cache of this family holds, in order."""
+    """The fields a cache of this family holds, in order; `conditioning` (a `cache.conditioning.kind`)
+    adds the control image beside the latent."""
     facts = family_facts(family)
-    fields = [FieldSpec("latent_mean", (latent_channels, "h", "w"), store_dtype, "VAE posterior mean, unscaled")]
+    what = "EfficientNet Stage C latent" if facts.vae_class == EFFNET_CLASS else "VAE posterior mean, unscaled"
+    fields = [FieldSpec("latent_mean", (latent_channels, "h", "w"), store_dtype, what)]
     if latent_mode == "dist":
         fields.append(FieldSpec("latent_std", (latent_channels, "h", "w"), store_dtype, "VAE posterior std, unscaled"))
     fields.append(FieldSpec("prompt_embeds", (text_tokens, text_dim), store_dtype, "text-encoder hidden states"))
@@ -67,6 +80,9 @@ def cached_fields(
         fields.append(FieldSpec("pooled_prompt_embeds", (pooled_dim,), store_dtype, "pooled text embedding"))
     if facts.has_text_mask:
         fields.append(FieldSpec("prompt_mask", (text_tokens,), "uint8", "1 for real tokens, 0 for padding"))
+    if conditioning:
+        fields.append(FieldSpec(CONDITIONING_FIELD, (conditioning_channels(conditioning), "H", "W"), "uint8",
+                                f"{conditioning} control image at the bucket size, uint8, same crop and flip as the latent"))
     return (*fields, *common_fields())
 
 

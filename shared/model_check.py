@@ -33,6 +33,7 @@ from .cache_format import (
     describe_mismatch,
     recorded_model_parts,
 )
+from .families import FAMILY_FACTS
 from .file_hash import sha256_file
 from .hub_revision import DEFAULT_REVISION, PIPELINE_MARKER, VAE_MARKER, resolve_commit
 
@@ -103,10 +104,14 @@ def check_model_files(spec: CacheSpec, cache_url: str, pretrained: str, vae: str
     parts = recorded_model_parts(spec)
     if MODEL_VAE in parts:
         source = vae or pretrained
-        # The cache names a pipeline's VAE files "vae/<file>" and a separate VAE's "<file>".
-        base = Path(source) if vae else Path(pretrained) / "vae"
-        pin = (DEFAULT_REVISION, VAE_MARKER) if vae else (revision or DEFAULT_REVISION, PIPELINE_MARKER)
-        _compare_part("VAE", parts[MODEL_VAE], source, pin, base, "vae/", cache_url)
+        # The cache names a pipeline's VAE files "vae/<file>" (Stable Cascade's encoder: "effnet/<file>") and a
+        # separate VAE's "<file>".
+        facts = FAMILY_FACTS.get(spec.family)
+        sub = facts.encoder_subfolder if facts else "vae"
+        base = Path(source) if vae else Path(pretrained) / sub
+        marker = facts.encoder_marker if facts else VAE_MARKER
+        pin = (DEFAULT_REVISION, marker) if vae else (revision or DEFAULT_REVISION, PIPELINE_MARKER)
+        _compare_part("VAE", parts[MODEL_VAE], source, pin, base, f"{sub}/", cache_url)
     if MODEL_TEXT in parts:
         pin = (revision or DEFAULT_REVISION, PIPELINE_MARKER)
         _compare_part("text encoder", parts[MODEL_TEXT], pretrained, pin, Path(pretrained), "", cache_url)

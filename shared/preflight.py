@@ -12,6 +12,7 @@ import os
 import re
 
 from .config import Config, ConfigError
+from .families import family_facts
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _TRUE = ("1", "true", "yes", "on")
@@ -55,7 +56,7 @@ def check_model_paths(config: Config) -> None:
     default branch (as the cache job loads it), so that is where it is looked up."""
     checks = [("model.pretrained", config.model.pretrained, "model_index.json", config.model.revision)]
     if config.model.vae:
-        checks.append(("model.vae", config.model.vae, "config.json", None))
+        checks.append(("model.vae", config.model.vae, family_facts(config.model.family).encoder_marker, None))
     for key, value, marker, revision in checks:
         problem = model_source_problem(value, marker=marker, revision=revision)
         if problem:

@@ -4,8 +4,8 @@ Why not zarr-python: measured here, zarr-python spends ~8 ms of Python per singl
 array (129 samples/s, ten times slower than one `.npz` per sample). A big field stores one chunk per row
 inside shard files of `shard_rows` rows, so a row is one byte range: this module parses each shard
 file's index once (the standard sharding-codec index at the end of the file, crc32c-checked), then
-decodes each row straight from a read-only mapping of the file (local disks) or from a coalesced fsspec
-ranged read (object stores) into the caller's batch buffer. `CacheReader` owns one per opened cache.
+decodes each row straight from a read-only mapping of the file (local disks) or, for object stores, from
+merged ranges fetched in one concurrent round per batch (`range_reads.py`) into the caller's batch buffer. `CacheReader` owns one per opened cache.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ import numcodecs
 import numpy as np
 
 from .cache_format import SHARDS_DIR, CacheFormatError, FieldSpec, GroupManifest
+from .range_reads import IN_FLIGHT, Span, coalesce, read_spans
+from .read_through import ReadThroughCache
 from .storage import Storage
 
 _EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)
-_MAX_COALESCE = 16 << 20
 
 
 @dataclass
@@ -60,42 +61,81 @@ def _group_dir(storage: Storage, rel: str) -> str:
 class RowFieldReader:
     """Per-row reads of big fields for one cache: shard indexes parsed once, then kept."""
 
-    def __init__(self, storage: Storage, manifests: Mapping[str, GroupManifest]) -> None:
+    def __init__(self, storage: Storage, manifests: Mapping[str, GroupManifest], in_flight: int = IN_FLIGHT,
+                 read_through: ReadThroughCache | None = None) -> None:
         self.storage = storage
         self.manifests = manifests
+        self.in_flight = in_flight
+        self.read_through = read_through  # object stores: local copies of shard files (`read_through.py`)
         self._arrays: dict[tuple[str, str, str], _RowArray] = {}
 
     def read(self, groups: Sequence[str], name: str, spec: FieldSpec, gidx: np.ndarray, local: np.ndarray,
              out: np.ndarray) -> None:
         """Fill `out[i]` with row `local[i]` of group `groups[gidx[i]]`, bucket `name`, field `spec`."""
-        # (file, offset, nbytes, out position) for every row, then sorted so neighbours coalesce.
-        requests: list[tuple[str, int, int, int, _RowArray]] = []
-        for pos, (gi, lr) in enumerate(zip(gidx, local, strict=True)):
-            ra = self._row_array(groups[gi], name, spec)
-            shard, within = divmod(int(lr), ra.shard_rows)
+        self.read_fields([(groups, name, spec, gidx, local, out)])
+
+    def read_fields(self, jobs: Sequence[tuple[Sequence[str], str, FieldSpec, np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        """`read` for several fields of one batch at once: on an object store, the missing shard indexes
+        of every field go out in one concurrent round, then the rows of every field in one more."""
+        where: list[tuple[_RowArray, int, int, np.ndarray]] = []  # (array, shard, row in shard, target row)
+        for groups, name, spec, gidx, local, out in jobs:
+            for pos, (gi, lr) in enumerate(zip(gidx, local, strict=True)):
+                ra = self._row_array(groups[gi], name, spec)
+                where.append((ra, *divmod(int(lr), ra.shard_rows), out[pos]))
+        if not self.storage.is_local:
+            self._fetch_indexes({(ra.rel, shard): (ra, shard) for ra, shard, _, _ in where if shard not in ra.indexes})
+        # (file, offset, nbytes) and (array, target row) for every stored row.
+        requests: list[tuple[str, int, int]] = []
+        targets: list[tuple[_RowArray, np.ndarray]] = []
+        for ra, shard, within, target in where:
             offset, nbytes = self._shard_index(ra, shard)[within]
             if offset == _EMPTY:
-                out[pos] = 0
+                target[...] = 0
                 continue
-            requests.append((ra.shard_file(shard), int(offset), int(nbytes), pos, ra))
+            requests.append((ra.shard_file(shard), int(offset), int(nbytes)))
+            targets.append((ra, target))
         if self.storage.is_local:
             # Decode straight from the mapped file into the batch: no intermediate bytes object.
-            for file, offset, nbytes, pos, ra in requests:
-                self._decode_row(ra, file, self.storage.map_file(file)[offset: offset + nbytes], out[pos])
+            for (file, offset, nbytes), (ra, target) in zip(requests, targets, strict=True):
+                self._decode_row(ra, file, self.storage.map_file(file)[offset: offset + nbytes], target)
             return
-        requests.sort(key=lambda r: (r[0], r[1]))
-        i = 0
-        while i < len(requests):
-            j = i + 1
-            while (j < len(requests) and requests[j][0] == requests[i][0]
-                   and requests[j][1] == requests[j - 1][1] + requests[j - 1][2]
-                   and requests[j][1] + requests[j][2] - requests[i][1] <= _MAX_COALESCE):
-                j += 1
-            start = requests[i][1]
-            blob = self.storage.read_range(requests[i][0], start, requests[j - 1][1] + requests[j - 1][2] - start)
-            for file, offset, nbytes, pos, ra in requests[i:j]:
-                self._decode_row(ra, file, memoryview(blob)[offset - start: offset - start + nbytes], out[pos])
-            i = j
+        if self.read_through is not None:
+            remote = []
+            for i, ((file, offset, nbytes), (ra, target)) in enumerate(zip(requests, targets, strict=True)):
+                local = self.read_through.mapped(file, ra.expected_sizes[file[len(ra.rel) + 1:]])
+                if local is None:
+                    remote.append(i)
+                else:
+                    self._decode_row(ra, file, local[offset: offset + nbytes], target)
+            requests, targets = [requests[i] for i in remote], [targets[i] for i in remote]
+        spans = coalesce(requests)
+        for span, blob in zip(spans, read_spans(self.storage, spans, in_flight=self.in_flight), strict=True):
+            view = memoryview(blob)
+            for i in span.members:
+                file, offset, nbytes = requests[i]
+                ra, target = targets[i]
+                self._decode_row(ra, file, view[offset - span.start: offset - span.start + nbytes], target)
+
+    def _fetch_indexes(self, wanted: Mapping[tuple[str, int], tuple[_RowArray, int]]) -> None:
+        """Fetch the shard indexes a batch needs that are not kept yet, all in one concurrent round. The
+        index sits at the end of the file, so its offset follows from the committed size: no request to
+        ask a size first (a file replaced since commit fails its index checksum instead)."""
+        if not wanted:
+            return
+        items = list(wanted.values())
+        requests = []
+        for ra, shard in items:
+            rel = ra.shard_file(shard)
+            size = ra.expected_sizes.get(rel[len(ra.rel) + 1:])
+            if size is None:
+                raise CacheFormatError(f"{self.storage.path(rel)}: not in the manifest of cache group {rel.split('/')[1]}; "
+                                       f"the cache changed after commit: delete {_group_dir(self.storage, rel)} and "
+                                       "re-run the cache job")
+            nbytes = ra.shard_rows * 16 + 4
+            requests.append((rel, size - nbytes, nbytes))
+        spans = [Span(f, off, off + n, (i,)) for i, (f, off, n) in enumerate(requests)]
+        for (ra, shard), raw in zip(items, read_spans(self.storage, spans, in_flight=self.in_flight), strict=True):
+            ra.indexes[shard] = self._parse_index(ra, shard, raw)
 
     def _row_array(self, group_id: str, name: str, spec: FieldSpec) -> _RowArray:
         key = (group_id, name, spec.name)
@@ -143,14 +183,17 @@ class RowFieldReader:
                     f"after commit: delete {_group_dir(self.storage, rel)} and re-run the cache job"
                 )
             nbytes = ra.shard_rows * 16 + 4
-            raw = self.storage.read_range(rel, size - nbytes, nbytes)
-            if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-                raise CacheFormatError(f"{self.storage.path(rel)}: shard index checksum mismatch (cache group "
-                                       f"{group_id}); the file is corrupt: delete {_group_dir(self.storage, rel)} "
-                                       "and re-run the cache job")
-            index = np.frombuffer(raw[:-4], dtype="<u8").reshape(ra.shard_rows, 2)
-            ra.indexes[shard] = index
+            index = ra.indexes[shard] = self._parse_index(ra, shard, self.storage.read_range(rel, size - nbytes, nbytes))
         return index
+
+    def _parse_index(self, ra: _RowArray, shard: int, raw: bytes) -> np.ndarray:
+        """A shard file's index (offset, nbytes per row), its crc32c checked."""
+        if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+            rel = ra.shard_file(shard)
+            raise CacheFormatError(f"{self.storage.path(rel)}: shard index checksum mismatch (cache group "
+                                   f"{rel.split('/')[1]}); the file is corrupt or was replaced after commit: delete "
+                                   f"{_group_dir(self.storage, rel)} and re-run the cache job")
+        return np.frombuffer(raw[:-4], dtype="<u8").reshape(ra.shard_rows, 2)
 
     def _decode_row(self, ra: _RowArray, file: str, chunk: Any, target: np.ndarray) -> None:
         """Decode one stored row chunk into `target` (a row of the batch buffer)."""

@@ -52,8 +52,8 @@ class Storage:
         self.is_local = protocol in ("file", "local")
         if self.is_local:
             self.url = self.url.removeprefix("file://")
-        self.fs = fsspec.filesystem(protocol, **(storage_options or {}))
-        self.storage_options = storage_options or {}
+        self.storage_options = _with_pool(protocol, storage_options or {})
+        self.fs = fsspec.filesystem(protocol, **self.storage_options)
         self._map_lock = threading.Lock()
         self._maps: OrderedDict[str, np.ndarray] = OrderedDict()
 
@@ -260,6 +260,20 @@ class Storage:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._map_lock = threading.Lock()
+
+
+# botocore keeps 10 connections per client by default: a reader with a batch's ranges and the read-ahead
+# of the next batches in flight needs more, or requests queue for a connection instead of overlapping.
+S3_POOL_CONNECTIONS = 64
+
+
+def _with_pool(protocol: str, options: dict[str, Any]) -> dict[str, Any]:
+    """`options` with a larger S3 connection pool unless the user chose one (`config_kwargs`)."""
+    if protocol not in ("s3", "s3a"):
+        return options
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("max_pool_connections", S3_POOL_CONNECTIONS)
+    return {**options, "config_kwargs": config}
 
 
 def _fsync_dir(path: str) -> None:

@@ -32,7 +32,9 @@ from latentforge.train.families import adapter_for
 from latentforge.train.step import StepSetup, build_objective, forward_loss
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = sorted(FAMILY_FACTS)
+# Families whose real configs are not shipped yet (docs/families.md "Not yet"): Stable Cascade's prior.
+NOT_SHIPPED = {"stable_cascade"}
+FAMILIES = sorted(set(FAMILY_FACTS) - NOT_SHIPPED)
 CONFIG_FILES = {"sdxl": "sdxl", "sd1": "sd1", "sd2": "sd2", "pixart_sigma": "pixart-sigma", "sana": "sana"}
 
 # Numbers the real base models are known by. The parameter counts are what these configs build, and
@@ -146,7 +148,7 @@ def meta_field(spec: Any, batch: int, latent_hw: tuple[int, int]) -> torch.Tenso
 
 
 def test_every_family_ships_real_configs_with_its_key_numbers():
-    assert set(real_sizes.HUB_IDS) == set(FAMILY_FACTS)
+    assert set(real_sizes.HUB_IDS) == set(FAMILY_FACTS) - NOT_SHIPPED
     for family, checks in KEY_NUMBERS.items():
         folder = real_sizes.config_folder(family)
         for rel in ("model_index.json", "scheduler/scheduler_config.json", "vae/config.json", "tokenizers.json"):

@@ -14,9 +14,10 @@ import diffusers
 import pytest
 
 from latentforge.devkit.tiny_models import TINY_BUILDERS
+from latentforge.preprocess import effnet
 from latentforge.preprocess.families import TEXT_ENCODERS
 from latentforge.shared import config
-from latentforge.shared.families import FAMILY_FACTS
+from latentforge.shared.families import EFFNET_CLASS, FAMILY_FACTS
 from latentforge.train.families import ADAPTERS, DenoiserAdapter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,12 +63,16 @@ def test_family_has_denoiser_adapter(family):
     adapter = ADAPTERS[family]
     assert issubclass(adapter, DenoiserAdapter)
     assert adapter.family == family
-    assert adapter.objective in ("diffusion", "flow")
+    assert adapter.objective in ("diffusion", "flow", "gdf")
 
     # The pipeline the adapter validates and exports with takes the facts' autoencoder and the
     # adapter's model class (read from the pipeline's constructor signature, nothing is built).
     params = inspect.signature(getattr(diffusers, adapter.pipeline_class).__init__).parameters
-    assert _class_name(params["vae"].annotation) == FAMILY_FACTS[family].vae_class
+    if FAMILY_FACTS[family].vae_class == EFFNET_CLASS:
+        # Stable Cascade's prior pipeline has no autoencoder: the Stage C encoder is ours, the decoder a second pipeline.
+        assert "vae" not in params and hasattr(effnet, EFFNET_CLASS)
+    else:
+        assert _class_name(params["vae"].annotation) == FAMILY_FACTS[family].vae_class
     assert _class_name(params[adapter.model_subfolder].annotation) == adapter.model_class
 
     # Both stages use the same pipeline where the text side names one (SDXL's encoder has its own code).

@@ -152,8 +152,16 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(state: TrainState, output_dir: str | Path, keep_last: int) -> Path:
-    """Write `state` as OUTPUT/checkpoints/step-N (N = `state.step`); keep the newest `keep_last`.
+def rotating(checkpoints: list[Path], backup_every: int) -> list[Path]:
+    """The checkpoints the keep-last rotation may prune: all but the backups (step a multiple of `backup_every`)."""
+    if not backup_every:
+        return checkpoints
+    return [p for p in checkpoints if int(_TAG_RE.match(p.name).group(1)) % backup_every]  # type: ignore[union-attr]
+
+
+def save_checkpoint(state: TrainState, output_dir: str | Path, keep_last: int, backup_every: int = 0) -> Path:
+    """Write `state` as OUTPUT/checkpoints/step-N (N = `state.step`); keep the newest `keep_last`, and every
+    backup (N a multiple of `backup_every`, as Stable Cascade's `backup_every`) beside them.
 
     Collective: every rank calls it. Rank 0 marks it COMPLETE last and prunes old checkpoints.
     """
@@ -188,7 +196,7 @@ def save_checkpoint(state: TrainState, output_dir: str | Path, keep_last: int) -
         _write_atomic(path / COMPLETE, tag)
         fault_point("checkpoint:complete_written")
         _write_atomic(root / "latest", tag)
-        for old in complete_checkpoints(root)[:-keep_last]:
+        for old in rotating(complete_checkpoints(root), backup_every)[:-keep_last]:
             # Marker first: a crash halfway through the delete leaves a folder `latest` ignores, never
             # a COMPLETE folder with files missing.
             (old / COMPLETE).unlink(missing_ok=True)

@@ -22,6 +22,7 @@ from latentforge.shared.cache_format import find_source
 from latentforge.shared.cache_reader import CacheReader
 from latentforge.shared.config import Config
 
+from .read_ahead import ReadAheadReader, ReadAheadSampler, WithAhead
 from .sampler import MicroBatch, MicroBatchSampler
 
 # What a training step reads; keys, hashes and upscale paths stay on disk.
@@ -99,25 +100,39 @@ class CachedBatches(Dataset):
     """Dataset indexed by `MicroBatch`: returns the whole micro-batch as tensors, read in one call."""
 
     def __init__(self, url: str, storage_options: Mapping[str, Any], rows: Mapping[tuple[int, int], np.ndarray],
+                 read_ahead: int = 0, read_through: tuple[str, int] | None = None, *, control: bool = False,
                  item_sources: Mapping[tuple[int, int], np.ndarray] | None = None) -> None:
+        """`control`: also read the cached control images (ControlNet training); `item_sources`: the source
+        index of each item, per bucket (per-source loss weights)."""
         self.url, self.storage_options = url, dict(storage_options)
+        self.read_through = read_through  # (folder, bytes): local copies of an object-store cache's shard files
+        self.wanted = (*TRAIN_FIELDS, "conditioning") if control else TRAIN_FIELDS
         self.rows = {tuple(b): r for b, r in rows.items()}
         self.item_sources = {tuple(b): s for b, s in (item_sources or {}).items()}
+        self.read_ahead = read_ahead  # micro-batches read concurrently ahead per worker (`read_ahead.py`)
         self._reader: CacheReader | None = None  # opened lazily in each worker process
+        self._ahead: ReadAheadReader[MicroBatch] | None = None
 
     def reader(self) -> CacheReader:
         if self._reader is None:
-            self._reader = CacheReader(self.url, self.storage_options)
+            self._reader = CacheReader(self.url, self.storage_options, read_through=self.read_through)
         return self._reader
 
     def __len__(self) -> int:  # a map-style dataset must have one; the sampler decides what is read
         return sum(len(r) for r in self.rows.values())
 
-    def __getitem__(self, mb: MicroBatch) -> dict[str, Any]:
+    def __getitem__(self, item: MicroBatch | WithAhead[MicroBatch]) -> dict[str, Any]:
+        if isinstance(item, WithAhead):
+            if self._ahead is None:
+                self._ahead = ReadAheadReader(self._read, max(1, self.read_ahead))
+            return self._ahead.get(item.item, item.ahead)
+        return self._read(item)
+
+    def _read(self, mb: MicroBatch) -> dict[str, Any]:
         reader = self.reader()
         bucket = (int(mb.bucket[0]), int(mb.bucket[1]))
         rows = self.rows[bucket][np.asarray(mb.items, dtype=np.int64)]
-        fields = [f.name for f in reader.spec.fields if f.name in TRAIN_FIELDS]
+        fields = [f.name for f in reader.spec.fields if f.name in self.wanted]
         # In a worker the batch is built in shared memory: handing it to the trainer then copies nothing.
         batch = reader.read_rows(bucket, rows, fields=fields, shared_memory=get_worker_info() is not None)
         if bucket in self.item_sources:  # per-sample source index: the loss weight of each sample
@@ -130,14 +145,17 @@ class CachedBatches(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_reader"] = None
+        state["_ahead"] = None
         return state
 
 
 def build_loader(dataset: CachedBatches, sampler: MicroBatchSampler, config: Config) -> DataLoader:
-    """DataLoader over micro-batches: workers read ahead while the model trains (prefetch_factor batches each)."""
+    """DataLoader over micro-batches: workers read ahead while the model trains (prefetch_factor batches each);
+    with `dataset.read_ahead`, each worker also keeps that many of its next micro-batches in flight."""
     workers = config.train.num_workers
+    items: Any = ReadAheadSampler(sampler, workers, dataset.read_ahead) if dataset.read_ahead else sampler
     return DataLoader(
-        dataset, sampler=sampler, batch_size=None, num_workers=workers,
+        dataset, sampler=items, batch_size=None, num_workers=workers,
         prefetch_factor=config.train.prefetch_factor if workers else None,
         persistent_workers=False, pin_memory=torch.cuda.is_available(),
     )

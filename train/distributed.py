@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -114,3 +115,25 @@ def build_engine(model: torch.nn.Module, config: Config, ds_config: dict[str, An
         lr_scheduler=None if "scheduler" in ds_config else schedule(lr_lambda),
     )
     return engine, optimizer, lr_scheduler
+
+
+# A collective whose peer process died: gloo raises a RuntimeError naming its transport source file,
+# NCCL and the c10d store raise torch.distributed.DistError subclasses.
+_GLOO_SOURCE = re.compile(r"^\[[^\]]*gloo[^\]]*\]\s*")
+_BOILERPLATE = " This is typically caused by"
+
+
+def lost_peer(exc: BaseException) -> str | None:
+    """The reason in one line when `exc` is a collective or store call that failed because another rank
+    is gone (its process died, its node went down); None for any other error."""
+    import torch.distributed as dist
+
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if isinstance(exc, dist.DistError):
+        pass
+    elif isinstance(exc, RuntimeError) and _GLOO_SOURCE.match(first):
+        first = _GLOO_SOURCE.sub("", first)
+    else:
+        return None
+    return first.split(_BOILERPLATE)[0].strip()

@@ -37,17 +37,21 @@ class Ema:
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module, step: int) -> bool:
-        """Call after optimizer step `step` (1-based); returns whether the EMA changed."""
-        if step < self.start_step or step % self.update_every:
+        """Call after optimizer step `step` (1-based); returns whether the EMA changed.
+
+        Stable Cascade's semantics (`train/base.py`: every `ema_iters`, `update_weights_ema(beta=ema_beta if
+        i > ema_start_iters else 0)`): every `update_every` steps the shadow moves towards the weights with
+        `decay` once past `start_step`, and until then (start_step included) it is a copy of them.
+        """
+        if step % self.update_every:
             return False
-        if step == self.start_step:  # start from the current weights, not the initial ones
-            for n, p in module.named_parameters():
-                if n in self.shadow:
-                    self.shadow[n].copy_(self._local(p).detach().float())
-            return True
+        beta = self.decay if step > self.start_step else 0.0
         for n, p in module.named_parameters():
             if n in self.shadow:
-                self.shadow[n].lerp_(self._local(p).detach().float(), 1.0 - self.decay)
+                if beta == 0.0:
+                    self.shadow[n].copy_(self._local(p).detach().float())
+                else:
+                    self.shadow[n].lerp_(self._local(p).detach().float(), 1.0 - beta)
         return True
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ from .checkpoint import COMPLETE, find_checkpoint
 from .checkpoint_weights import DTYPES, read_trainer_state, trained_state_dict
 from .export_base import export_base
 from .families import adapter_for
+from .lora import merge_lora
 from .noise_options import sampling_scheduler
 from .single_file import export_checkpoint_single_file, export_single_file
 
@@ -29,8 +30,13 @@ __all__ = ["DTYPES", "cli_entry", "configure", "export_pipeline", "trained_state
 
 def export_pipeline(checkpoint: Path, out: Path, *, use_ema: bool = False, dtype: str = "fp16",
                     base: str | None = None, merge: bool = False) -> Path:
-    """Write the pipeline folder (LoRA runs: the adapter folder, or with `merge` a merged pipeline)."""
+    """Write the pipeline folder (LoRA runs: the adapter folder, or with `merge` a merged pipeline;
+    ControlNet runs: a `ControlNetModel` folder, `export_controlnet.py`)."""
     state = read_trainer_state(checkpoint)
+    if state["config"]["train"].get("controlnet", {}).get("enabled"):  # the ControlNet alone; the base is unchanged
+        from .export_controlnet import export_controlnet
+
+        return export_controlnet(checkpoint, out, state, use_ema=use_ema, dtype=dtype, base=base)
     model_cfg = state["config"]["model"]
     base, pins = export_base(model_cfg, base)
     adapter = adapter_for(model_cfg["family"])
@@ -43,8 +49,7 @@ def export_pipeline(checkpoint: Path, out: Path, *, use_ema: bool = False, dtype
         model = _lora_model(model_cls, base, pins, adapter.model_subfolder, state, weights, checkpoint)
         if not merge:
             return _save_lora(pipe_cls, adapter.model_subfolder, model, out, state, checkpoint, use_ema)
-        model.fuse_lora()  # fold the low-rank update into the base weights, then drop the adapters
-        model.unload_lora()
+        merge_lora(model)  # fold the low-rank update into the base weights, then drop the adapters
     else:
         model = model_cls.from_config(model_cls.load_config(base, subfolder=adapter.model_subfolder,
                                                             revision=pins.get("revision")))

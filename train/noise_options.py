@@ -20,7 +20,7 @@ from .edm import edm_scheduler_config
 
 
 def check_objective_options(config: Config, objective: str, unet: bool = True) -> None:
-    """Raise `ConfigError` (one line) for a `train.*` option the family's objective (`diffusion`/`flow`) ignores;
+    """Raise `ConfigError` (one line) for a `train.*` option the family's objective (`diffusion`/`flow`/`gdf`) ignores;
     `unet`: the family trains a UNet (EDM's preconditioning is defined and tested for the UNet families)."""
     t, family = config.train, config.model.family
     if objective == "flow":
@@ -31,6 +31,14 @@ def check_objective_options(config: Config, objective: str, unet: bool = True) -
             if set_:
                 raise ConfigError(f"{key} does not apply to {family} (a flow-matching family); remove it "
                                   "(flow_weighting, flow_shift, logit_mean and logit_std shape its noise levels)")
+    if objective == "gdf":
+        refused = {"train.snr_gamma": t.snr_gamma is not None, "train.timestep_bias.strategy": t.timestep_bias.strategy != "none",
+                   "train.zero_terminal_snr": t.zero_terminal_snr, "train.input_perturbation": t.input_perturbation > 0,
+                   "train.prediction_type": t.prediction_type is not None}
+        for key, set_ in refused.items():
+            if set_:
+                raise ConfigError(f"{key} does not apply to {family} (Stable Cascade's GDF: epsilon target, P2 loss "
+                                  "weights); remove it (train.gdf_shift shapes its noise levels)")
     if t.objective == "edm" and not unet:
         raise ConfigError(f"train.objective=edm is for the UNet families (sdxl, sd1, sd2), not {family}; "
                           "remove it")

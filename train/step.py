@@ -16,6 +16,7 @@ import torch
 
 from latentforge.shared.config import Config
 
+from . import gdf
 from . import objective as obj
 from .captions import pick_caption_variants
 from .edm import edm_pair
@@ -31,7 +32,7 @@ class Objective:
 
     make_pair: PairFn  # (latents, noise, generator) -> NoisedBatch
     prediction_type: str  # "epsilon", "v_prediction" or "flow"
-    alphas_cumprod: torch.Tensor | None  # the DDPM schedule; None for flow matching
+    alphas_cumprod: torch.Tensor | None  # the DDPM schedule; None for flow matching and Stable Cascade's GDF
 
 
 def build_objective(config: Config, adapter: DenoiserAdapter, device: torch.device) -> Objective:
@@ -40,6 +41,8 @@ def build_objective(config: Config, adapter: DenoiserAdapter, device: torch.devi
 
     t = config.train
     check_objective_options(config, adapter.objective, unet=adapter.model_class == "UNet2DConditionModel")
+    if adapter.objective == "gdf":  # Stable Cascade Stage C: no DDPM table; the schedule is a formula (`gdf.py`)
+        return Objective(lambda x, n, g: gdf_pair(x, n, g, t.gdf_shift), "epsilon", None)
     sched_cfg = DDPMScheduler.load_config(config.model.pretrained, subfolder="scheduler", **config.model.pins(weights=False))
     steps = int(sched_cfg.get("num_train_timesteps", 1000))
     if adapter.objective == "flow":
@@ -62,6 +65,13 @@ def build_objective(config: Config, adapter: DenoiserAdapter, device: torch.devi
         lambda x, n, g: obj.diffusion_pair(x, n, g, alphas_cumprod, weights, prediction_type, t.snr_gamma,
                                            input_noise=perturbation(n, g, t.input_perturbation)),
         prediction_type, alphas_cumprod)
+
+
+def gdf_pair(latents: torch.Tensor, noise: torch.Tensor, generator: torch.Generator, shift: float) -> obj.NoisedBatch:
+    """Stage C's GDF objective (`gdf.py`): cosine schedule with `shift`, epsilon target, P2 loss weights."""
+    t = gdf.sample_t(latents.shape[0], generator).to(latents.device)
+    noisy, ratio, weights = gdf.gdf_diffuse(latents, noise, t, shift=shift, loss_shift=1.0)
+    return obj.NoisedBatch(noisy, ratio, noise.float(), weights)
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,9 @@ from latentforge.shared.preflight import check_model_paths
 from . import objective as obj
 from .checkpoint import TrainState, find_checkpoint, load_checkpoint, save_checkpoint
 from .checkpoint_weights import read_trainer_state
+from .controlnet import controlnet_adapter, validation_controls
 from .data import CachedBatches, CachedSamples, build_loader
-from .distributed import build_engine, deepspeed_config, init_distributed
+from .distributed import build_engine, deepspeed_config, init_distributed, lost_peer
 from .ema import build_ema
 from .families import adapter_for
 from .metrics import Metrics
@@ -37,7 +38,7 @@ from .mixing import SourceCounter, build_schedule, check_resume_weights, source_
 from .sampler import MicroBatchSampler, SamplerState
 from .step import StepSetup, build_objective, forward_loss, source_loss_weights
 from .universal import prepare_resume, zero_stage
-from .validation import ValidationData, validate
+from .validation import VALIDATION_SEED, ValidationData, validate
 
 log = logging.getLogger("latentforge.train")
 
@@ -68,6 +69,8 @@ class Trainer:
         # Data: the cache must fit the model before anything trains.
         self.cache = CacheReader(config.cache.path, dict(config.cache.storage_options))
         self.adapter = adapter_for(config.model.family)
+        if t.controlnet.enabled:  # a ControlNet in front of the frozen UNet, fed the cached control images
+            self.adapter = controlnet_adapter(self.adapter, config, self.cache.spec, config.cache.path)
         model = self.adapter.load(config)
         self.cache.check_compatible(**self.adapter.expected_cache(model))
         self.cache.check_model_files(config.model.pretrained, config.model.vae, config.model.revision)
@@ -82,7 +85,9 @@ class Trainer:
             log.warning("bucket %sx%s has %d samples, fewer than one global batch (%d): they are never trained",
                         bucket[0], bucket[1], n, self.global_batch)
         empty, prompts, embeds = self.cache.prompts()
-        self.validation = ValidationData(self.cache, self.samples.val_rows, prompts, embeds)
+        controls = (validation_controls(self.cache, self.samples.val_rows, len(prompts), self.cache.spec.conditioning or "",
+                                        t.controlnet.degrade_factor, VALIDATION_SEED) if t.controlnet.enabled else None)
+        self.validation = ValidationData(self.cache, self.samples.val_rows, prompts, embeds, controls)
 
         # Objective: the noise schedule comes from the model's own scheduler config.
         self.objective = build_objective(config, self.adapter, self.dist.device)
@@ -104,8 +109,9 @@ class Trainer:
         # Resume: engine, RNGs, step, the global sample order and the EMA, restored into one TrainState.
         self.train_state = TrainState(
             engine=self.engine, schedule=self.schedule, sampler=self.schedule.initial_state(), rank=self.dist.rank,
-            world=self.dist.world, ema=self.ema, trainable_only=t.lora.enabled,
-            snapshot={"cache_fingerprint": self.cache.spec.fingerprint, "config": config_to_dict(config)})
+            world=self.dist.world, ema=self.ema, trainable_only=t.lora.enabled or t.controlnet.enabled,
+            snapshot={"cache_fingerprint": self.cache.spec.fingerprint, "config": config_to_dict(config),
+                      "cache_conditioning": self.cache.spec.conditioning})
         self.history: list[float] = []  # mean loss of every optimizer step this process ran
         if ckpt is not None:
             check_resume_weights(read_trainer_state(ckpt)["config"]["data"]["sources"], config.data.sources)
@@ -161,8 +167,10 @@ class Trainer:
         """Train to `train.max_steps` (or stop after step `until`, as an interruption would)."""
         t = self.config.train
         stop = min(t.max_steps, until) if until is not None else t.max_steps
-        dataset = CachedBatches(self.cache.url, dict(self.config.cache.storage_options), self.samples.train_rows,
-                                self.samples.item_sources)
+        ahead = t.read_ahead if t.read_ahead is not None else (0 if self.cache.storage.is_local else 16)
+        copies = (t.read_through_dir, int(t.read_through_gb * 1e9)) if t.read_through_dir else None
+        dataset = CachedBatches(self.cache.url, dict(self.config.cache.storage_options), self.samples.train_rows, ahead,
+                                copies, control=t.controlnet.enabled, item_sources=self.samples.item_sources)
         sampler = MicroBatchSampler(self.schedule, self.state, self.dist.rank, self.dist.world, t.micro_batch_size)
         batches = iter(build_loader(dataset, sampler, self.config))
         bar = _progress(self.dist.is_main, self.step, t.max_steps)
@@ -196,7 +204,8 @@ class Trainer:
                     **{f"data/samples_source{i}": float(n) for i, n in enumerate(self.source_counts.counts)}})
             if t.validation_every and (self.step % t.validation_every == 0 or self.step == t.max_steps):
                 self.validate()
-            if self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
+            if (self.step % t.checkpoint_every == 0 or self.step == t.max_steps
+                    or (t.backup_every and self.step % t.backup_every == 0)):
                 self.save()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", **({"samples/s": f"{last['perf/samples_per_s']:.1f}"} if last else {}))
@@ -224,7 +233,8 @@ class Trainer:
 
     def save(self) -> Path:
         """Checkpoint the TrainState (collective: every rank calls it)."""
-        return save_checkpoint(self.train_state, self.config.train.output_dir, self.config.train.keep_last)
+        t = self.config.train
+        return save_checkpoint(self.train_state, t.output_dir, t.keep_last, t.backup_every)
 
     def validate(self) -> None:
         """Held-out loss and (main rank) the image grid, from the weights as they are now."""
@@ -254,14 +264,23 @@ def _hparams(config: Config) -> dict[str, Any]:
             "snr_gamma": t.snr_gamma or 0.0, "noise_offset": t.noise_offset, "caption_dropout": t.caption_dropout,
             "prediction_type": t.prediction_type or "scheduler", "ema": t.ema.enabled, "family": config.model.family,
             "zero_stage": int(config.deepspeed.get("zero_optimization", {}).get("stage", 0)), "seed": t.seed,
-            "lora_rank": t.lora.rank if t.lora.enabled else 0, "global_batch_per_rank": t.micro_batch_size * t.gradient_accumulation_steps}
+            "lora_rank": t.lora.rank if t.lora.enabled else 0, "controlnet": t.controlnet.enabled, "global_batch_per_rank": t.micro_batch_size * t.gradient_accumulation_steps}
 
 
 def run_train(config: Config) -> int:
     """Entry of `latentforge train` and of the deepspeed launcher."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     trainer = Trainer(config)
-    figures = trainer.train()
+    try:
+        figures = trainer.train()
+    except RuntimeError as exc:  # torch.distributed.DistError is one too
+        reason = lost_peer(exc)
+        if reason is None:
+            raise
+        # Another node's process died mid-collective: one line, not a traceback per rank (docs/training.md).
+        print(f"latentforge train: rank {trainer.dist.rank} of {trainer.dist.world} lost a peer ({reason}); "
+              "resume from the last complete checkpoint with train.resume=latest", file=sys.stderr)
+        return 1
     if trainer.dist.is_main:
         shown = ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in figures.items())
         print(f"train: {trainer.step} steps done; {shown}; outputs in {trainer.output}")

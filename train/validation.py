@@ -19,10 +19,8 @@ import numpy as np
 import torch
 
 from latentforge.shared.cache_reader import CacheReader
-from latentforge.shared.families import family_facts
 
 from .metrics import Metrics
-from .noise_options import sampling_scheduler
 from .step import StepSetup, forward_loss
 
 log = logging.getLogger("latentforge.train")
@@ -38,6 +36,7 @@ class ValidationData:
     held_out: Mapping[Bucket, Sequence[int]]  # rows per bucket kept out of training
     prompts: list[str]
     embeds: dict[str, torch.Tensor]  # the prompts' cached text fields, one row per prompt
+    controls: torch.Tensor | None = None  # ControlNet runs: one control image per prompt, (n, 3, H, W) in [0, 1]
 
 
 @torch.no_grad()
@@ -66,52 +65,39 @@ def _square_bucket(buckets: tuple[Bucket, ...]) -> Bucket:
 
 @torch.no_grad()
 def image_grid(model: torch.nn.Module, setup: StepSetup, buckets: tuple[Bucket, ...], prompts: list[str],
-               embeds: dict[str, torch.Tensor], *, decode: bool = True) -> np.ndarray | None:
+               embeds: dict[str, torch.Tensor], *, decode: bool = True,
+               controls: torch.Tensor | None = None) -> np.ndarray | None:
     """Denoise the cached validation prompts with `model`'s current weights; returns an HxWx3 uint8 grid.
 
-    One image per prompt at the squarest of the cache's `buckets`, seeded per prompt. `decode=False`
+    One image per prompt at the squarest of the cache's `buckets`, seeded per prompt. With `controls`
+    (a ControlNet run) each prompt is steered by its control image, made at that image's size, and the
+    grid shows the control image above each output. `decode=False`
     runs the denoiser's calls only and returns None: what the other ranks do under ZeRO-3, where every
     forward gathers the partitioned weights collectively, so every rank must make the same calls.
     """
     if not prompts:
         return None
-    import diffusers
-
-    cfg = setup.config.model
-    vae_cls = getattr(diffusers, family_facts(cfg.family).vae_class)
-    vae_source = {} if cfg.vae else {"subfolder": "vae", **cfg.pins()}  # a separate VAE: its own repo's default
-    vae = vae_cls.from_pretrained(cfg.vae or cfg.pretrained, **vae_source).to(setup.device)
-    sched_cfg = diffusers.DDPMScheduler.load_config(cfg.pretrained, subfolder="scheduler", **cfg.pins(weights=False))
-    scheduler = sampling_scheduler(setup.config, dict(sched_cfg))  # EDM / zero terminal SNR: what training assumed
     was_training = model.training
     model.eval()
-    pipe = setup.adapter.validation_pipeline(model, vae, scheduler)
-    h, w = _square_bucket(buckets)
+    render = setup.adapter.validation_renderer(model, setup)
+    h, w = _square_bucket(buckets) if controls is None else tuple(controls.shape[-2:])
     dev, dt = setup.device, setup.dtype
-    extra = {"use_resolution_binning": False} if "use_resolution_binning" in _call_args(pipe) else {}
+    scale = getattr(setup.adapter, "scale", 1.0)
     images = []
     for i in range(len(prompts)):
         one = {k: v[i:i + 1].to(dev, dt if v.is_floating_point() else v.dtype) for k, v in embeds.items()}
         empty = {k: v.to(dev, dt if v.is_floating_point() else v.dtype) for k, v in setup.empty.items()}
-        out = pipe(**setup.adapter.prompt_kwargs(one, empty), height=h, width=w,
-                   num_inference_steps=setup.config.train.validation_inference_steps, output_type="latent",
-                   generator=torch.Generator(device="cpu").manual_seed(VALIDATION_SEED + i), **extra)
-        if not decode:
+        call = None if controls is None else {"image": controls[i:i + 1].to(dev, dt),
+                                              "controlnet_conditioning_scale": scale}
+        image = render((h, w), one, empty, torch.Generator(device="cpu").manual_seed(VALIDATION_SEED + i), decode, call)
+        if image is None:
             continue
-        # Decode in fp32 ourselves: pipelines only upcast fp16 VAEs, and bf16 latents meet an fp32 VAE here.
-        latents = out.images.float() / setup.scaling_factor
-        if setup.shift_factor is not None:
-            latents = latents + setup.shift_factor
-        pixels = vae.decode(latents).sample[0].clamp(-1, 1)
-        images.append(((pixels.permute(1, 2, 0).float().cpu().numpy() + 1) * 127.5).round().astype(np.uint8))
+        if controls is not None:  # the control above its output; inpainting's masked -1 shows black
+            shown = (controls[i].clamp(0, 1).permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8)
+            image = np.concatenate([shown, image], axis=0)
+        images.append(image)
     model.train(was_training)
     return np.concatenate(images, axis=1) if images else None
-
-
-def _call_args(pipe: object) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(type(pipe).__call__).parameters)
 
 
 def validate(model: torch.nn.Module, setup: StepSetup, data: ValidationData, metrics: Metrics, step: int, *,
@@ -128,7 +114,8 @@ def validate(model: torch.nn.Module, setup: StepSetup, data: ValidationData, met
         metrics.scalar("val/loss", loss, step)
     if not is_main and not sharded:
         return
-    grid = image_grid(model, setup, data.reader.spec.buckets, data.prompts, data.embeds, decode=is_main)
+    grid = image_grid(model, setup, data.reader.spec.buckets, data.prompts, data.embeds, decode=is_main,
+                      controls=data.controls)
     if grid is None or not is_main:
         return
     from PIL import Image

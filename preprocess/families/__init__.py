@@ -17,9 +17,10 @@ from .pixart_sigma import PixArtText
 from .sana import SanaText
 from .sd import SdText
 from .sdxl import SdxlText
+from .stable_cascade import StableCascadeText
 
 TEXT_ENCODERS: dict[str, type] = {"sdxl": SdxlText, "sd1": SdText, "sd2": SdText, "pixart_sigma": PixArtText,
-                                  "sana": SanaText}
+                                  "sana": SanaText, "stable_cascade": StableCascadeText}
 
 
 def load_text_encoder(config: Config, device: torch.device) -> Any:

@@ -11,11 +11,13 @@ from .pixart_sigma import PixArtSigmaAdapter
 from .sana import SanaAdapter
 from .sd import Sd1Adapter, Sd2Adapter
 from .sdxl import SdxlAdapter
+from .stable_cascade import StableCascadeAdapter
 
 __all__ = ["ADAPTERS", "DenoiserAdapter", "adapter_for"]
 
 ADAPTERS: dict[str, type[DenoiserAdapter]] = {"sdxl": SdxlAdapter, "sd1": Sd1Adapter, "sd2": Sd2Adapter,
-                                              "pixart_sigma": PixArtSigmaAdapter, "sana": SanaAdapter}
+                                              "pixart_sigma": PixArtSigmaAdapter, "sana": SanaAdapter,
+                                              "stable_cascade": StableCascadeAdapter}
 
 
 def adapter_for(family: str) -> DenoiserAdapter:

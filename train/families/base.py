@@ -31,6 +31,13 @@ class DenoiserAdapter:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    def validation_renderer(self, model: torch.nn.Module, setup: Any) -> Any:
+        """A function (size, prompt fields, empty fields, generator, decode) -> HxWx3 uint8 image (None without
+        `decode`), built once per validation grid: the family pipeline and its VAE decoder (`render.py`)."""
+        from .render import vae_renderer
+
+        return vae_renderer(self, model, setup)
+
     def prompt_kwargs(self, embeds: dict[str, torch.Tensor], empty: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Pipeline call arguments from cached text fields: the prompt and the empty prompt as negative."""
         names = {"prompt_embeds": "prompt_embeds", "pooled_prompt_embeds": "pooled_prompt_embeds",

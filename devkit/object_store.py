@@ -1,0 +1,167 @@
+"""An S3-compatible server on loopback (moto) with the two things a real object store adds: latency per
+request, and failures. For the object-store tests and the object-store read benchmark.
+
+Each request waits `latency_s` before it is answered, on its own server thread, so concurrent requests
+overlap as they do against a real store. `fail` decides, per GET, whether to answer with an error instead
+(503 SlowDown, the throttling answer, or a 500); it sees the request path and how many GETs came before.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+FailRule = Callable[[str, int], int | None]  # (path, GET number) -> HTTP status to fail with, or None
+
+_ERRORS = {503: (b"SlowDown", b"Please reduce your request rate."),
+           500: (b"InternalError", b"We encountered an internal error. Please try again.")}
+
+
+@dataclass
+class StoreStats:
+    """What the server saw: GET requests (by path) and the most GETs in flight at once."""
+
+    gets: list[str] = field(default_factory=list)
+    failed: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class _Middleware:
+    def __init__(self, app: Any, server: LoopbackS3) -> None:
+        self.app, self.server = app, server
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        stats, get = self.server.stats, environ["REQUEST_METHOD"] == "GET"
+        with stats.lock:
+            n = len(stats.gets)
+            if get:
+                stats.gets.append(environ.get("PATH_INFO", ""))
+                stats.in_flight += 1
+                stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
+        try:
+            if self.server.latency_s:
+                time.sleep(self.server.latency_s)
+            status = self.server.fail(environ.get("PATH_INFO", ""), n) if get and self.server.fail else None
+            if not status and get and environ.get("HTTP_RANGE"):
+                ranged = _range_response(environ, start_response)
+                if ranged is not None:
+                    return ranged
+            if status:
+                with stats.lock:
+                    stats.failed += 1
+                code, message = _ERRORS.get(status, _ERRORS[500])
+                start_response(f"{status} {code.decode()}", [("Content-Type", "application/xml")])
+                return [b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>" + code + b"</Code><Message>" + message
+                        + b"</Message></Error>"]
+            return self.app(environ, start_response)
+        finally:
+            if get:
+                with stats.lock:
+                    stats.in_flight -= 1
+
+
+def _range_response(environ: dict[str, Any], start_response: Any) -> list[bytes] | None:
+    """Answer `GET /bucket/key` with `Range: bytes=a-b` from moto's stored object, reading only the range.
+
+    moto itself reads (and copies) the whole object for every range request: 60 MB per request for a
+    cache shard file, far more CPU than the request costs a real store, and it would measure moto rather
+    than the reader. The answer is the one S3 gives (206, Content-Range, ETag, Last-Modified). Anything
+    else (a suffix range, an unknown key) is left to moto, which answers it, errors included."""
+    from urllib.parse import unquote
+
+    from moto.core.models import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    unit, _, spec = environ["HTTP_RANGE"].partition("=")
+    first, _, last = spec.partition("-")
+    bucket, _, key = unquote(environ.get("PATH_INFO", "")).lstrip("/").partition("/")
+    if unit != "bytes" or not first.isdigit() or not last.isdigit() or not key:
+        return None
+    try:
+        obj = s3_backends[DEFAULT_ACCOUNT_ID]["aws"].get_object(bucket, key)
+    except Exception:  # noqa: BLE001 - moto's own answer (NoSuchKey...) is the right one
+        return None
+    if obj is None:
+        return None
+    begin, end = int(first), min(int(last), obj.size - 1)
+    if begin > end:
+        return None
+    with obj.lock:
+        obj._value_buffer.seek(begin)
+        data = obj._value_buffer.read(end - begin + 1)
+    start_response("206 Partial Content", [
+        ("Content-Type", "binary/octet-stream"), ("Content-Length", str(len(data))), ("Accept-Ranges", "bytes"),
+        ("Content-Range", f"bytes {begin}-{end}/{obj.size}"), ("ETag", obj.etag),
+        ("Last-Modified", obj.last_modified_RFC1123)])
+    return [data]
+
+
+class LoopbackS3:
+    """A moto S3 server on 127.0.0.1 with injectable latency and failures; `endpoint` for fsspec."""
+
+    def __init__(self) -> None:
+        self.latency_s = 0.0
+        self.fail: FailRule | None = None
+        self.stats = StoreStats()
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> LoopbackS3:
+        from moto.moto_server.werkzeug_app import (
+            DomainDispatcherApplication,
+            MotoRequestHandler,
+            create_backend_app,
+        )
+        from werkzeug.serving import make_server
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+        app = _Middleware(DomainDispatcherApplication(create_backend_app), self)
+        self._server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=MotoRequestHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def reset_stats(self) -> StoreStats:
+        """Start counting afresh; returns the old counts."""
+        old, self.stats = self.stats, StoreStats()
+        return old
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join()
+
+
+@contextmanager
+def loopback_s3() -> Iterator[LoopbackS3]:
+    """A started `LoopbackS3`, stopped on exit. Credentials are the caller's (moto accepts any)."""
+    server = LoopbackS3().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def upload_tree(endpoint: str, local: str, url: str) -> None:
+    """Copy a local folder (a cache) to `url` (s3://bucket/prefix) on the loopback server."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
+    bucket = url.removeprefix("s3://").split("/", 1)[0]
+    if not fs.exists(bucket):
+        fs.mkdir(bucket)
+    fs.put(local.rstrip("/") + "/", url.removeprefix("s3://"), recursive=True)
