@@ -23,6 +23,7 @@ import torch
 
 from latentforge.shared.config import Config, ConfigError, SourceConfig
 
+from .determinism import pin_deterministic, restored_backends
 from .source_checks import IMAGE_EXTS
 
 log = logging.getLogger(__name__)
@@ -68,13 +69,10 @@ def generate_class_images(config: Config, rank: int, world: int, device: torch.d
     `load` builds the pipeline (default: the run's base pipeline, `DiffusionPipeline.from_pretrained`); it is
     only called when this rank has something to generate.
     """
-    flags = (torch.backends.mkldnn.enabled, torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    if config.cache.deterministic:  # as the encoders: the same pixels whatever the process and thread count
-        torch.backends.mkldnn.enabled, torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True, False
-    try:
+    with restored_backends():
+        if config.cache.deterministic:  # as the encoders: the same pixels whatever the process and thread count
+            pin_deterministic(device)
         return _generate(config, rank, world, device, load)
-    finally:
-        torch.backends.mkldnn.enabled, torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
 
 
 def _generate(config: Config, rank: int, world: int, device: torch.device,

@@ -86,7 +86,7 @@ def test_dreambooth_cache_and_two_steps_with_prior_preservation(tiny_sdxl, demo_
     # One micro-batch holding an instance and a class image: its loss is instance + 0.5 x class.
     from latentforge.train.data import CachedBatches
 
-    data = CachedBatches(trainer.cache.url, {}, trainer.samples.train_rows, trainer.samples.item_sources)
+    data = CachedBatches(trainer.cache.url, {}, trainer.samples.train_rows, item_sources=trainer.samples.item_sources)
     batch = next(b for mb in trainer.schedule.micro_batches(trainer.state, 0, 1, 2)
                  if set((b := data[mb])["source_index"].tolist()) == {0, 1})
     model = trainer.engine.module
