@@ -20,7 +20,6 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -39,14 +38,18 @@ from latentforge.shared.cache_format import (
 )
 from latentforge.shared.config import Config, ConfigError, SourceConfig, load_config
 from latentforge.shared.entry import add_run_args, run_guarded
-from latentforge.shared.families import cached_fields, text_field_names
+from latentforge.shared.families import cached_fields, text_field_names, with_caption_variants
 from latentforge.shared.file_hash import sha256_file
 from latentforge.shared.preflight import check_model_paths
 
+from .caption_memo import CaptionMemo
+from .captions import encode_variants, variant_settings
 from .dedupe import dedupe_across_shards, duplicate_owners_unchanged
 from .determinism import pin_deterministic, restored_backends
+from .distributed import shard_claims
 from .encoders import load_latent_encoder, model_identity
 from .families import load_text_encoder
+from .generate import generate_class_images, generate_sources
 from .images import SkipSample
 from .model_source import pinned_config, resolve_model_sources
 from .prepare import Prepared, Preparer, method_code
@@ -80,6 +83,7 @@ class CacheJob:
             self.text = load_text_encoder(pinned, self.device)
         except OSError as exc:
             raise _load_error("model.pretrained", config.model.pretrained, "text encoders", exc) from None
+        self.captions = CaptionMemo(self.text.encode)  # each distinct caption of a shard encoded once
         self.resolutions = buckets_by_resolution(config.buckets.resolutions, config.buckets.step,
                                                  config.buckets.min_aspect, config.buckets.max_aspect,
                                                  config.buckets.aspect_ratios)
@@ -103,6 +107,7 @@ class CacheJob:
         fields = cached_fields(cfg.model.family, latent_channels=self.vae.latent_channels, latent_mode=cfg.cache.latent_mode,
                                store_dtype=cfg.cache.store_dtype, text_tokens=self.text.tokens,
                                text_dim=self.text.text_dim, pooled_dim=self.text.pooled_dim, conditioning=control)
+        fields = with_caption_variants(fields, cfg.model.family, cfg.cache.caption_variants)
         return CacheSpec(
             family=cfg.model.family, fingerprint=compute_fingerprint(inputs), fields=fields,
             buckets=generate_bucket_set(cfg.buckets.resolutions, cfg.buckets.step, cfg.buckets.min_aspect, cfg.buckets.max_aspect,
@@ -134,12 +139,13 @@ class CacheJob:
     def source_hash(self, ref: ShardRef, source: SourceConfig) -> str:
         """Input identity plus the per-source settings that change which samples a shard yields."""
         doc = {"identity": ref.identity_hash, "caption_field": source.caption_field,
-               "filters": [f.model_dump() for f in source.filters]}
+               "filters": [f.model_dump() for f in source.filters], **variant_settings(source, self.config.cache.caption_variants)}
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
     def cache_shard(self, ref: ShardRef, source: SourceConfig) -> GroupManifest | None:
         """Read, prepare, encode and commit one input shard as one group."""
         cfg = self.config
+        self.captions.reset()  # a shard's rows depend on that shard alone
         skips = SkipCounter(max_examples=1000)
         stats = ShardStats()
         reader = iter_shard(ref, source, skips, cfg.cache.missing_caption, sidecar_name(cfg))
@@ -216,12 +222,14 @@ class CacheJob:
         latents = self.vae.encode(torch.stack([p.pixels for p in items]))
         stats.add("vae", time.perf_counter() - t)
         t = time.perf_counter()
-        text = self.text.encode([p.caption for p in items])
+        text = self.captions.encode([p.caption for p in items])
         stats.add("text", time.perf_counter() - t)
         rows: dict[str, Any] = {"latent_mean": latents["latent_mean"]}
         if self.config.cache.latent_mode == "dist":
             rows["latent_std"] = latents["latent_std"]
         rows.update(text)
+        rows.update(encode_variants(self.captions.encode, [p.captions for p in items],
+                                    text_field_names(self.config.model.family)))
         rows["original_size"] = np.array([p.original_size for p in items], np.int32)
         rows["crop_top_left"] = np.array([p.crop_top_left for p in items], np.int32)
         rows["target_size"] = np.array([p.bucket for p in items], np.int32)
@@ -305,22 +313,6 @@ def _fault_point(commits: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _distributed() -> tuple[int, int, Callable[[], int], Callable[[], None]]:
-    """(rank, world, claim, barrier). Single process: a local counter. torchrun: the TCP store's counter."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        counter = iter(range(sys.maxsize))
-        return 0, 1, lambda: next(counter), lambda: None
-    import torch.distributed as dist
-
-    # gloo even on GPUs: only the store and one final barrier are used, no tensor traffic.
-    dist.init_process_group("gloo", timeout=timedelta(hours=24))
-    store = dist.distributed_c10d._get_default_store()
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-    key = f"latentforge/cache/{run_id}/next"
-    return dist.get_rank(), dist.get_world_size(), lambda: int(store.add(key, 1)) - 1, dist.barrier
-
-
 def run_cache(config: Config, overwrite: bool = False) -> int:
     """Run this process's share of the cache job; rank 0 writes the summary. Returns an exit code."""
     with restored_backends():
@@ -331,9 +323,16 @@ def _run_cache(config: Config, overwrite: bool) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # Everything that can be checked without loading a model or writing a byte, first.
     check_model_paths(config)
-    shards = list_input_shards(config)
+    generating = generate_sources(config)
+    shards = None if generating else list_input_shards(config)
     _quiet_libraries()
-    rank, world, claim, barrier = _distributed()
+    rank, world, claim, barrier = shard_claims()
+    if generating:  # class images first (each rank its share), then every rank lists the completed folders
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        generate_class_images(config, rank, world, torch.device(f"cuda:{local}") if torch.cuda.is_available()
+                              else torch.device("cpu"))
+        barrier()
+        shards = list_input_shards(config)
     t0, started = time.perf_counter(), time.time()
     job = CacheJob(config, rank, world, overwrite)
     if rank == 0:

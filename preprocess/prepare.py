@@ -18,6 +18,7 @@ from latentforge.preprocess.buckets import CropPlan, assign_bucket, needs_upscal
 from latentforge.shared.cache_format import UPSCALE_METHODS
 from latentforge.shared.config import Config
 
+from .captions import caption_variants
 from .conditioning import ControlMaker, decode_sidecar
 from .images import SkipSample, content_hash, decode_image, hflip, resize_and_crop, to_tensor
 from .sources import RawSample
@@ -36,6 +37,7 @@ class Prepared:
     crop_top_left: tuple[int, int]
     content_hash: bytes
     upscale_method: str
+    captions: tuple[str, ...] = ()  # every caption variant (the first is `caption`) when cache.caption_variants > 1
     control: np.ndarray | None = None  # (C, H, W) uint8 control image when `cache.conditioning` is on
 
 
@@ -56,6 +58,8 @@ class Preparer:
         if min(height, width) < cfg.buckets.min_resolution:
             raise SkipSample("too_small", f"{height}x{width} is below buckets.min_resolution={cfg.buckets.min_resolution}")
         digest = content_hash(raw.image)
+        n = cfg.cache.caption_variants
+        captions = caption_variants(raw.caption, raw.metadata or {}, cfg.data.sources[raw.source_index], n, raw.key) if n > 1 else ()
         sidecar = None
         if cfg.cache.conditioning.kind == "sidecar":
             sidecar = decode_sidecar(raw.sidecar, raw.key, cfg.cache.conditioning.sidecar, (height, width),
@@ -71,11 +75,12 @@ class Preparer:
                     source, method = self.upscaler.upscale(img, plan.resized)
             pixels = resize_and_crop(source, plan.resized, plan.crop_top_left, plan.target)
             out.append(Prepared(raw.key, raw.caption, bucket, to_tensor(pixels), (height, width), plan.crop_top_left,
-                                digest, method, self._control(pixels, sidecar, plan, False)))
+                                digest, method, captions, self._control(pixels, sidecar, plan, False)))
             if cfg.cache.flip:
                 flipped, mirrored = plan.flip(), hflip(pixels)
                 out.append(Prepared(f"{raw.key}#flip", raw.caption, bucket, to_tensor(mirrored), (height, width),
-                                    flipped.crop_top_left, digest, method, self._control(mirrored, sidecar, plan, True)))
+                                    flipped.crop_top_left, digest, method, captions,
+                                    self._control(mirrored, sidecar, plan, True)))
         return out
 
     def _control(self, crop: Image.Image, sidecar: Image.Image | None, plan: CropPlan, flip: bool) -> np.ndarray | None:

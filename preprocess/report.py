@@ -14,6 +14,7 @@ from typing import Any
 
 from latentforge.preprocess.cache_writer import CacheWriter
 from latentforge.shared.config import Config
+from latentforge.shared.families import ALT_SUFFIX
 
 PHASES = ("read", "prepare", "vae", "text", "write", "total")
 
@@ -45,7 +46,7 @@ def build_summary(writer: CacheWriter, config: Config, elapsed: float, world: in
     skips: Counter = Counter()
     upscale: Counter = Counter()
     seconds: Counter = Counter()
-    seen = size = 0
+    seen = size = alt = 0
     for m in groups:
         buckets.update(m.bucket_counts)
         skips.update({reason: entry["count"] for reason, entry in m.skipped.items()})
@@ -53,6 +54,8 @@ def build_summary(writer: CacheWriter, config: Config, elapsed: float, world: in
         seconds.update(m.stats.get("seconds", {}))
         seen += int(m.stats.get("seen", 0))
         size += sum(m.files.values())
+        # Files are "<bucket>/<field>/...": what the caption variants' `*_alt` fields cost on disk.
+        alt += sum(n for f, n in m.files.items() if f.split("/")[1:2] and f.split("/")[1].endswith(ALT_SUFFIX))
     samples = sum(buckets.values())
     return {
         "cache": writer.storage.url,
@@ -67,6 +70,8 @@ def build_summary(writer: CacheWriter, config: Config, elapsed: float, world: in
         "seconds_by_phase": {p: round(seconds.get(p, 0.0), 2) for p in PHASES},
         "bytes_on_disk": size,
         "bytes_per_sample": round(size / samples) if samples else 0,
+        "caption_variants": {"per_sample": config.cache.caption_variants, "bytes_on_disk": alt,
+                             "bytes_per_sample": round(alt / samples) if samples else 0},
         "wall_seconds": round(elapsed, 2),
         "processes": world,
         "images_per_second": round(seen / elapsed, 2) if elapsed > 0 else 0.0,
@@ -89,5 +94,9 @@ def print_summary(s: dict[str, Any]) -> None:
     if s["upscale"]:
         print("  resize path: " + ", ".join(f"{m}={n}" for m, n in s["upscale"].items()))
     print("  seconds (summed over shards): " + ", ".join(f"{p} {v}" for p, v in s["seconds_by_phase"].items()))
+    variants = s["caption_variants"]
+    if variants["per_sample"] > 1:
+        print(f"  {variants['per_sample']} captions per sample: the extra ones take {variants['bytes_on_disk'] / 1e6:.1f} MB, "
+              f"{variants['bytes_per_sample']} bytes/sample")
     print(f"  {s['bytes_on_disk'] / 1e6:.1f} MB on disk, {s['bytes_per_sample']} bytes/sample; "
           f"{s['wall_seconds']} s wall, {s['processes']} process(es)")

@@ -101,7 +101,7 @@ def list_shards(sources: list[SourceConfig], sidecar: str | None = None) -> list
     refs: list[ShardRef] = []
     for i, source in enumerate(sources):
         validate_filters(i, source.filters)
-        found = _list_folder(i, source, sidecar) if source.type == "folder" else _list_tars(i, source)
+        found = _list_folder(i, source, sidecar) if source.type in ("folder", "generate") else _list_tars(i, source)
         log.info("source %d: %d shards from %s", i, len(found), redact_url(source.path))
         refs.extend(found)
     return refs

@@ -395,7 +395,13 @@ def fingerprint_inputs(*, pipeline_version: int, family: str, model: Mapping[str
     if control:  # only when on: a cache without control images keeps the fingerprint it always had
         cached["conditioning"] = control
     return {"pipeline_version": pipeline_version, "family": family, FP_MODEL: dict(model),
-            "cache": cached, "buckets": dict(buckets), "upscale": up}
+            "cache": cached | _variants(cache), "buckets": dict(buckets), "upscale": up}
+
+
+def _variants(cache: Mapping[str, Any]) -> dict[str, Any]:
+    # Caption variants add fields, so they count; only when on, so caches made before them keep their fingerprint.
+    n = int(cache.get("caption_variants", 1) or 1)
+    return {"caption_variants": n} if n > 1 else {}
 
 
 def compute_fingerprint(inputs: Mapping[str, Any]) -> str:

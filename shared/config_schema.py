@@ -94,16 +94,43 @@ class MetadataFilter(_Section):
 
 
 class SourceConfig(_Section):
-    type: Literal["webdataset", "folder"] = Field(
-        description="webdataset: img2dataset-style tar shards; folder: images with .txt/.json sidecars."
+    type: Literal["webdataset", "folder", "generate"] = Field(
+        description="webdataset: img2dataset-style tar shards; folder: images with .txt/.json sidecars; generate: "
+        "images the base pipeline generates into `path` (DreamBooth class images), then cached as a folder."
     )
     path: str = Field(
-        description="Tar glob / brace range / URL (http(s)://, s3://) for webdataset; a directory for folder."
+        description="Tar glob / brace range / URL (http(s)://, s3://) for webdataset; a directory for folder; a "
+        "local directory for generate (images already there count towards `count`)."
+    )
+    prompt: str | None = Field(default=None, description="generate: the prompt (and caption) of every image.")
+    count: int | None = Field(default=None, ge=1, description="generate: how many images the folder must hold.")
+    seed: int = Field(default=0, ge=0, description="generate: image i is generated from seed + i.")
+    steps: int = Field(default=30, ge=1, description="generate: denoising steps per image.")
+    guidance: float = Field(default=7.5, ge=0, description="generate: classifier-free guidance scale.")
+    resolution: int | None = Field(
+        default=None, ge=8, description="generate: square image side in pixels; default buckets.resolutions[0]."
     )
     caption_field: str = Field(
         default="txt", description="Where the caption lives: 'txt' (sidecar/member) or a key of the json metadata."
     )
+    extra_caption_fields: list[str] = Field(
+        default_factory=list,
+        description="Json metadata keys holding more captions of a sample (a string, or a list of tags): cached "
+        "as caption variants when cache.caption_variants > 1.",
+    )
+    tag_shuffle: bool = Field(
+        default=False, description="Caption variants: the caption's comma-separated tags, shuffled (seeded per sample)."
+    )
+    keep_tokens: int = Field(default=0, ge=0, description="tag_shuffle: leading tags that keep their place.")
     repeats: int = Field(default=1, ge=1, description="How many times each sample appears per training epoch.")
+    weight: float | None = Field(
+        default=None, gt=0,
+        description="Sampling probability of this source (normalised over sources): its share of the trained "
+        "samples whatever its size; repeats then set the epoch length. Set on every source or on none.",
+    )
+    loss_weight: float = Field(
+        default=1.0, ge=0, description="Per-sample loss multiplier (DreamBooth's prior-preservation weight on class images)."
+    )
     shard_size: int = Field(
         default=1000, ge=1, description="Folder sources: images per virtual shard (sorted listing)."
     )
@@ -113,12 +140,28 @@ class SourceConfig(_Section):
         description="fsspec options (e.g. endpoint_url for R2). Never put keys here: use the environment.",
     )
 
+    @model_validator(mode="after")
+    def _generate_keys(self) -> SourceConfig:
+        if self.type == "generate" and (self.prompt is None or self.count is None):
+            raise ValueError("type: generate needs prompt and count (e.g. prompt: 'a photo of a dog', count: 200)")
+        if self.type != "generate" and (self.prompt is not None or self.count is not None):
+            raise ValueError(f"prompt and count are for type: generate, not type: {self.type}; remove them")
+        return self
+
 
 class DataConfig(_Section):
     sources: list[SourceConfig] = Field(min_length=1, description="Input datasets, cached together.")
     validation_prompts: list[str] = Field(
         default_factory=list, description="Prompts cached with the dataset, used for validation images."
     )
+
+    @model_validator(mode="after")
+    def _weights_all_or_none(self) -> DataConfig:
+        unset = [i for i, s in enumerate(self.sources) if s.weight is None]
+        if unset and len(unset) < len(self.sources):
+            raise ValueError(f"data.sources.{unset[0]}.weight is unset while other sources set one; "
+                             "set weight on every source or on none")
+        return self
 
 
 class BucketsConfig(_Section):
@@ -229,6 +272,11 @@ class CacheConfig(_Section):
     missing_caption: Literal["skip", "empty"] = Field(
         default="skip", description="A sample without a caption: skip it, or cache it with the empty prompt."
     )
+    caption_variants: int = Field(
+        default=1, ge=1, le=16,
+        description="Captions encoded per image (the caption, data.sources[*].extra_caption_fields, tag shuffles); "
+        "the trainer picks one per sample and step. Each extra variant costs one more text embedding per sample.",
+    )
     conditioning: ConditioningConfig = Field(
         default_factory=ConditioningConfig, description="ControlNet control images cached per sample."
     )
@@ -248,6 +296,14 @@ class TimestepBiasConfig(_Section):
         if self.begin >= self.end:
             raise ValueError(f"begin ({self.begin}) must be < end ({self.end})")
         return self
+
+
+class EdmConfig(_Section):
+    p_mean: float = Field(default=-1.2, description="Mean of log(sigma) (EDM's log-normal noise-level sampling).")
+    p_std: float = Field(default=1.2, gt=0, description="Std of log(sigma).")
+    sigma_data: float = Field(default=0.5, gt=0, description="Std of the (scaled) data the preconditioning assumes.")
+    sigma_min: float = Field(default=0.002, gt=0, description="Smallest sigma of the exported EDMEulerScheduler.")
+    sigma_max: float = Field(default=80.0, gt=0, description="Largest sigma of the exported EDMEulerScheduler.")
 
 
 class EmaConfig(_Section):
@@ -310,6 +366,21 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
         default=None, description="Training target; default: the model's scheduler config."
+    )
+    objective: Literal["scheduler", "edm"] = Field(
+        default="scheduler",
+        description="scheduler: the family's own (DDPM eps/v, or flow matching); edm: Karras preconditioning with "
+        "log-normal sigmas for the eps/v UNet families (train.edm), exported with an EDMEulerScheduler.",
+    )
+    edm: EdmConfig = Field(default_factory=EdmConfig, description="EDM objective settings (train.objective: edm).")
+    zero_terminal_snr: bool = Field(
+        default=False,
+        description="Rescale the betas to zero terminal SNR (Lin et al. 2023); needs v_prediction. Validation and "
+        "export then sample with trailing timesteps.",
+    )
+    input_perturbation: float = Field(
+        default=0.0, ge=0, description="Input perturbation (e.g. 0.1): the model input is noised with noise + p x "
+        "fresh noise, the target keeps the noise (diffusers' train_text_to_image).",
     )
     snr_gamma: float | None = Field(default=None, gt=0, description="Min-SNR-gamma loss weighting (e.g. 5.0); off when unset.")
     noise_offset: float = Field(default=0.0, ge=0, description="Offset noise strength (e.g. 0.05).")
@@ -377,5 +448,14 @@ class Config(_Section):
     deepspeed: dict[str, Any] = Field(
         default_factory=dict, description="Passed to DeepSpeed (zero_optimization, bf16, ...); validated there."
     )
+
+    @model_validator(mode="after")
+    def _variants_need_slots(self) -> Config:
+        # Caption-variant settings without room for variants would be silently ignored: refuse them instead.
+        for i, s in enumerate(self.data.sources):
+            if self.cache.caption_variants == 1 and (s.extra_caption_fields or s.tag_shuffle):
+                key = "extra_caption_fields" if s.extra_caption_fields else "tag_shuffle"
+                raise ValueError(f"data.sources.{i}.{key} needs cache.caption_variants > 1 (e.g. 4) to be cached")
+        return self
 
 

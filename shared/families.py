@@ -95,3 +95,17 @@ def text_field_names(family: str) -> tuple[str, ...]:
     if facts.has_text_mask:
         names.append("prompt_mask")
     return tuple(names)
+
+
+ALT_SUFFIX = "_alt"  # caption variants 1..N-1 of a text field: `prompt_embeds_alt` beside `prompt_embeds`
+
+
+def with_caption_variants(fields: tuple[FieldSpec, ...], family: str, variants: int) -> tuple[FieldSpec, ...]:
+    """`fields` plus, for `variants` > 1, one `<text field>_alt` per text field holding variants 1..N-1
+    (per-sample shape (N - 1, *shape)); variant 0 stays in the text field itself."""
+    if variants <= 1:
+        return fields
+    text = set(text_field_names(family))
+    alts = [FieldSpec(f.name + ALT_SUFFIX, (variants - 1, *f.shape), f.dtype, f"caption variants 1..{variants - 1} of {f.name}")
+            for f in fields if f.name in text]
+    return (*fields, *alts)

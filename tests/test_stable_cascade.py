@@ -30,7 +30,7 @@ def _config(model: Path, demo_data: Path, tmp: Path, *extra: str):
         f"train.output_dir={tmp / 'run'}", "train.max_steps=2", "train.checkpoint_every=2", "train.backup_every=1",
         "train.keep_last=1", "train.validation_every=2", "train.validation_inference_steps=2", "train.num_workers=0",
         "train.held_out_fraction=0.2", "buckets.step=32", RATIOS, "cache.latent_mode=mean",
-        "train.ema.start_step=1", *extra])
+        "train.ema.start_step=1", "train.snr_gamma=null", *extra])
 
 
 def _infer(folder: Path, model: Path) -> None:

@@ -27,7 +27,8 @@ from .sampler import MicroBatch, MicroBatchSampler
 
 # What a training step reads; keys, hashes and upscale paths stay on disk.
 TRAIN_FIELDS = ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds", "prompt_mask",
-                "original_size", "crop_top_left", "target_size")
+                "original_size", "crop_top_left", "target_size",
+                "prompt_embeds_alt", "pooled_prompt_embeds_alt", "prompt_mask_alt")  # caption variants, if cached
 
 
 def held_out(key: str, fraction: float) -> bool:
@@ -43,20 +44,27 @@ class CachedSamples:
 
     def __init__(self, reader: CacheReader, config: Config) -> None:
         self.reader = reader
-        repeats = group_repeats(reader, config)
+        sources = group_sources(reader, config)
+        repeats = {g: 1 if s == len(config.data.sources) else config.data.sources[s].repeats for g, s in sources.items()}
+        self.num_sources = len(config.data.sources) + (len(config.data.sources) in sources.values())
         self.train_rows: dict[tuple[int, int], np.ndarray] = {}
+        # Source index (position in data.sources; len(sources) for a group that records none) of every
+        # training item: what weighted mixing, per-source loss weights and the per-source counts use.
+        self.item_sources: dict[tuple[int, int], np.ndarray] = {}
         self.val_rows: dict[tuple[int, int], np.ndarray] = {}
         for bucket, n in sorted(reader.bucket_counts().items()):
             groups = reader.group_ids(bucket, range(n))
             keys = reader.read_rows(bucket, range(n), fields=["key"])["key"]
-            train, val = [], []
+            train, train_sources, val = [], [], []
             for row, (group, key) in enumerate(zip(groups, keys, strict=True)):
                 if held_out(key, config.train.held_out_fraction):
                     val.append(row)
                     continue
                 train.extend([row] * repeats[group])
+                train_sources.extend([sources[group]] * repeats[group])
             if train:
                 self.train_rows[bucket] = np.asarray(train, dtype=np.int64)
+                self.item_sources[bucket] = np.asarray(train_sources, dtype=np.int64)
             if val:
                 self.val_rows[bucket] = np.asarray(val, dtype=np.int64)
 
@@ -74,11 +82,17 @@ def group_repeats(reader: CacheReader, config: Config) -> dict[str, int]:
     source: written by a tool, not the cache job). A group whose source is no longer in `data.sources` is
     a `CacheMismatchError`, one line naming the source and the fix."""
     sources = config.data.sources
-    configured = [(s.type, s.path) for s in sources]
+    return {g: 1 if s == len(sources) else sources[s].repeats for g, s in group_sources(reader, config).items()}
+
+
+def group_sources(reader: CacheReader, config: Config) -> dict[str, int]:
+    """Group id -> index in `data.sources` of the source it came from; `len(data.sources)` for a group
+    that records no source (written by a tool, not the cache job). Mismatches raise as in `group_repeats`."""
+    configured = [(s.type, s.path) for s in config.data.sources]
     out = {}
     for manifest in reader.groups:
         index = find_source(manifest.group_id, manifest.origin, configured)
-        out[manifest.group_id] = 1 if index is None else sources[index].repeats
+        out[manifest.group_id] = len(configured) if index is None else index
     return out
 
 
@@ -86,12 +100,15 @@ class CachedBatches(Dataset):
     """Dataset indexed by `MicroBatch`: returns the whole micro-batch as tensors, read in one call."""
 
     def __init__(self, url: str, storage_options: Mapping[str, Any], rows: Mapping[tuple[int, int], np.ndarray],
-                 read_ahead: int = 0, read_through: tuple[str, int] | None = None, *, control: bool = False) -> None:
-        """`control`: also read the cached control images (ControlNet training)."""
+                 read_ahead: int = 0, read_through: tuple[str, int] | None = None, *, control: bool = False,
+                 item_sources: Mapping[tuple[int, int], np.ndarray] | None = None) -> None:
+        """`control`: also read the cached control images (ControlNet training); `item_sources`: the source
+        index of each item, per bucket (per-source loss weights)."""
         self.url, self.storage_options = url, dict(storage_options)
         self.read_through = read_through  # (folder, bytes): local copies of an object-store cache's shard files
         self.wanted = (*TRAIN_FIELDS, "conditioning") if control else TRAIN_FIELDS
         self.rows = {tuple(b): r for b, r in rows.items()}
+        self.item_sources = {tuple(b): s for b, s in (item_sources or {}).items()}
         self.read_ahead = read_ahead  # micro-batches read concurrently ahead per worker (`read_ahead.py`)
         self._reader: CacheReader | None = None  # opened lazily in each worker process
         self._ahead: ReadAheadReader[MicroBatch] | None = None
@@ -118,6 +135,8 @@ class CachedBatches(Dataset):
         fields = [f.name for f in reader.spec.fields if f.name in self.wanted]
         # In a worker the batch is built in shared memory: handing it to the trainer then copies nothing.
         batch = reader.read_rows(bucket, rows, fields=fields, shared_memory=get_worker_info() is not None)
+        if bucket in self.item_sources:  # per-sample source index: the loss weight of each sample
+            batch["source_index"] = torch.from_numpy(self.item_sources[bucket][np.asarray(mb.items, dtype=np.int64)])
         batch["step"] = mb.step
         batch["accum_index"] = mb.accum_index
         batch["bucket"] = bucket

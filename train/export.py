@@ -22,6 +22,7 @@ from .checkpoint_weights import DTYPES, read_trainer_state, trained_state_dict
 from .export_base import export_base
 from .families import adapter_for
 from .lora import merge_lora
+from .noise_options import sampling_scheduler
 from .single_file import export_checkpoint_single_file, export_single_file
 
 __all__ = ["DTYPES", "cli_entry", "configure", "export_pipeline", "trained_state_dict"]
@@ -62,6 +63,12 @@ def export_pipeline(checkpoint: Path, out: Path, *, use_ema: bool = False, dtype
     except (OSError, ValueError, TypeError) as exc:
         raise FileNotFoundError(f"export needs the full base pipeline ({base}) for the other components; "
                                 f"pass --base with one ({exc.__class__.__name__}: {str(exc)[:160]})") from None
+    from latentforge.shared.config import Config
+
+    # EDM or zero terminal SNR: the pipeline samples with the scheduler the model was trained for.
+    run = Config.model_validate(state["config"])
+    if run.train.objective == "edm" or run.train.zero_terminal_snr:
+        pipe.scheduler = sampling_scheduler(run, {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__})
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
     pipe.save_pretrained(tmp, safe_serialization=True)
     (tmp / "latentforge_export.json").write_text(json.dumps(

@@ -259,10 +259,13 @@ class NoisedBatch:
 
 def diffusion_pair(latents: torch.Tensor, noise: torch.Tensor, generator: torch.Generator,
                    alphas_cumprod: torch.Tensor, weights: torch.Tensor, prediction_type: str,
-                   snr_gamma: float | None) -> NoisedBatch:
-    """DDPM-family objective (SD, SDXL, PixArt): biased timesteps, eps or v target, optional min-SNR-γ."""
+                   snr_gamma: float | None, input_noise: torch.Tensor | None = None) -> NoisedBatch:
+    """DDPM-family objective (SD, SDXL, PixArt): biased timesteps, eps or v target, optional min-SNR-γ.
+
+    `input_noise` (input perturbation) noises the model input instead of `noise`; the target keeps `noise`.
+    """
     timesteps = sample_timesteps(latents.shape[0], weights, generator).to(latents.device)
-    noisy = add_noise(latents, noise, timesteps, alphas_cumprod)
+    noisy = add_noise(latents, noise if input_noise is None else input_noise, timesteps, alphas_cumprod)
     target = training_target(prediction_type, latents, noise, timesteps, alphas_cumprod)
     loss_weights = None
     if snr_gamma:

@@ -124,12 +124,15 @@ class GlobalBucketSchedule:
             )
         return self.global_batch // (world * micro)
 
-    def _pools(self, epoch: int, carry: Mapping[str, Sequence[int]]) -> dict[Bucket, np.ndarray]:
+    def _check_epoch_carry(self, epoch: int, carry: Mapping[str, Sequence[int]]) -> None:
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         unknown = set(carry) - {bucket_name(b) for b in self.bucket_sizes}
         if unknown:
             raise ValueError(f"carry names buckets that are not in the dataset: {sorted(unknown)}")
+
+    def _pools(self, epoch: int, carry: Mapping[str, Sequence[int]]) -> dict[Bucket, np.ndarray]:
+        self._check_epoch_carry(epoch, carry)
         pools: dict[Bucket, np.ndarray] = {}
         for bucket, n in self.bucket_sizes.items():
             carried = np.asarray(carry.get(bucket_name(bucket), ()), dtype=np.int64)

@@ -18,7 +18,10 @@ from latentforge.shared.config import Config
 
 from . import gdf
 from . import objective as obj
+from .captions import pick_caption_variants
+from .edm import edm_pair
 from .families.base import DenoiserAdapter
+from .noise_options import check_objective_options, check_prediction_type, perturbation
 
 PairFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator], obj.NoisedBatch]
 
@@ -37,6 +40,7 @@ def build_objective(config: Config, adapter: DenoiserAdapter, device: torch.devi
     from diffusers import DDPMScheduler
 
     t = config.train
+    check_objective_options(config, adapter.objective, unet=adapter.model_class == "UNet2DConditionModel")
     if adapter.objective == "gdf":  # Stable Cascade Stage C: no DDPM table; the schedule is a formula (`gdf.py`)
         return Objective(lambda x, n, g: gdf_pair(x, n, g, t.gdf_shift), "epsilon", None)
     sched_cfg = DDPMScheduler.load_config(config.model.pretrained, subfolder="scheduler", **config.model.pins(weights=False))
@@ -47,12 +51,19 @@ def build_objective(config: Config, adapter: DenoiserAdapter, device: torch.devi
             lambda x, n, g: obj.flow_pair(x, n, g, shift, steps, t.flow_weighting, t.logit_mean, t.logit_std),
             "flow", None)
     init_keys = DDPMScheduler._get_init_keys(DDPMScheduler)
-    sched = DDPMScheduler.from_config({k: v for k, v in sched_cfg.items() if k in init_keys})
-    alphas_cumprod = sched.alphas_cumprod.to(device)
     prediction_type = t.prediction_type or sched_cfg.get("prediction_type", "epsilon")
+    if t.objective == "edm":
+        e = t.edm
+        return Objective(lambda x, n, g: edm_pair(x, n, g, e.p_mean, e.p_std, e.sigma_data, prediction_type,
+                                                  perturbation(n, g, t.input_perturbation)), prediction_type, None)
+    check_prediction_type(config, prediction_type)
+    zero_snr = {"rescale_betas_zero_snr": True} if t.zero_terminal_snr else {}  # diffusers' rescale_zero_terminal_snr
+    sched = DDPMScheduler.from_config({**{k: v for k, v in sched_cfg.items() if k in init_keys}, **zero_snr})
+    alphas_cumprod = sched.alphas_cumprod.to(device)
     weights = obj.timestep_weights(steps, t.timestep_bias)
     return Objective(
-        lambda x, n, g: obj.diffusion_pair(x, n, g, alphas_cumprod, weights, prediction_type, t.snr_gamma),
+        lambda x, n, g: obj.diffusion_pair(x, n, g, alphas_cumprod, weights, prediction_type, t.snr_gamma,
+                                           input_noise=perturbation(n, g, t.input_perturbation)),
         prediction_type, alphas_cumprod)
 
 
@@ -78,6 +89,9 @@ class StepSetup:
     shift_factor: float | None
     device: torch.device
     dtype: torch.dtype  # the model's parameter dtype: what its input is cast to
+    # Per-source loss multipliers indexed by a batch's `source_index` (DreamBooth's prior-preservation
+    # weight); None when every source weighs 1.
+    loss_weights: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +119,8 @@ def forward_loss(model: Any, setup: StepSetup, batch: dict[str, Any], generator:
     `model` is whatever `adapter.forward` calls: the DeepSpeed engine in training, its module otherwise.
     """
     dev = setup.device
+    # Held-out evaluation reads variant 0 (the caption itself); training one variant per sample, seeded.
+    batch = pick_caption_variants(batch, generator) if not evaluate else batch
     mean = batch["latent_mean"].float()
     posterior = not evaluate and "latent_std" in batch
     latents = obj.sample_posterior(mean, batch["latent_std"].float(), generator) if posterior else mean
@@ -115,7 +131,7 @@ def forward_loss(model: Any, setup: StepSetup, batch: dict[str, Any], generator:
     cond = setup.adapter.condition({k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()},
                                    setup.empty, config, generator)
     pred = setup.adapter.forward(model, pair.noisy.to(setup.dtype), pair.timesteps, cond)
-    loss = obj.diffusion_loss(pred.float(), pair.target, None if evaluate else pair.weights)
+    loss = obj.diffusion_loss(pred.float(), pair.target, None if evaluate else sample_weights(setup, batch, pair.weights))
     return LossResult(loss, pair.timesteps)
 
 
@@ -123,3 +139,18 @@ def without_dropout(config: Config) -> Config:
     """`config` with caption and micro-conditioning dropout off: evaluation conditions on the real captions and sizes."""
     return config.model_copy(update={"train": config.train.model_copy(
         update={"caption_dropout": 0.0, "micro_conditioning_dropout": 0.0})})
+
+
+def sample_weights(setup: StepSetup, batch: dict[str, Any], weights: torch.Tensor | None) -> torch.Tensor | None:
+    """The objective's per-sample weights times each sample's source `loss_weight` (None: a plain mean)."""
+    if setup.loss_weights is None or "source_index" not in batch:
+        return weights
+    per_source = setup.loss_weights[torch.as_tensor(batch["source_index"]).long().cpu()]
+    return per_source if weights is None else weights * per_source.to(weights.device)
+
+
+def source_loss_weights(config: Config) -> torch.Tensor | None:
+    """`data.sources[*].loss_weight` as a table by source index (plus 1.0 for unattributed groups), or None
+    when all are 1 so a run without them computes exactly what it did before."""
+    table = [s.loss_weight for s in config.data.sources] + [1.0]
+    return None if all(w == 1.0 for w in table) else torch.tensor(table, dtype=torch.float32)

@@ -27,14 +27,16 @@ from latentforge.shared.preflight import check_model_paths
 
 from . import objective as obj
 from .checkpoint import TrainState, find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint_weights import read_trainer_state
 from .controlnet import controlnet_adapter, validation_controls
 from .data import CachedBatches, CachedSamples, build_loader
 from .distributed import build_engine, deepspeed_config, init_distributed, lost_peer
 from .ema import build_ema
 from .families import adapter_for
 from .metrics import Metrics
-from .sampler import GlobalBucketSchedule, MicroBatchSampler, SamplerState
-from .step import StepSetup, build_objective, forward_loss
+from .mixing import SourceCounter, build_schedule, check_resume_weights, source_report
+from .sampler import MicroBatchSampler, SamplerState
+from .step import StepSetup, build_objective, forward_loss, source_loss_weights
 from .universal import prepare_resume, zero_stage
 from .validation import VALIDATION_SEED, ValidationData, validate
 
@@ -74,7 +76,11 @@ class Trainer:
         self.cache.check_model_files(config.model.pretrained, config.model.vae, config.model.revision)
         self.samples = CachedSamples(self.cache, config)
         self.global_batch = t.micro_batch_size * t.gradient_accumulation_steps * self.dist.world
-        self.schedule = GlobalBucketSchedule(self.samples.bucket_sizes, self.global_batch, t.seed)
+        self.schedule = build_schedule(self.samples.item_sources, self.samples.bucket_sizes,
+                                       [s.weight for s in config.data.sources], self.global_batch, t.seed)
+        for s, b in getattr(self.schedule, "unreached", ()) if self.dist.is_main else ():
+            log.warning("data.sources.%d has samples in bucket %sx%s but its weight gives them no slot per epoch: "
+                        "raise its weight or repeats", s, b[0], b[1])
         for bucket, n in (self.schedule.starved_buckets.items() if self.dist.is_main else ()):
             log.warning("bucket %sx%s has %d samples, fewer than one global batch (%d): they are never trained",
                         bucket[0], bucket[1], n, self.global_batch)
@@ -92,7 +98,8 @@ class Trainer:
             lambda step: obj.lr_lambda(step, t.warmup_steps, t.max_steps, t.lr_scheduler))
         self.dtype = next(self.engine.module.parameters()).dtype
         self.setup = StepSetup(self.adapter, self.objective, config, {k: v.to(self.dist.device) for k, v in empty.items()},
-                               self.cache.spec.scaling_factor, self.cache.spec.shift_factor, self.dist.device, self.dtype)
+                               self.cache.spec.scaling_factor, self.cache.spec.shift_factor, self.dist.device, self.dtype,
+                               source_loss_weights(config))
         self.sharded = zero_stage(self.ds_config) == 3  # ZeRO-3: every rank holds a slice of every weight
         self.ema = build_ema(self.engine.module, t.ema, sharded=self.sharded, is_main=self.dist.is_main)
         self.output = Path(t.output_dir)
@@ -107,9 +114,14 @@ class Trainer:
                       "cache_conditioning": self.cache.spec.conditioning})
         self.history: list[float] = []  # mean loss of every optimizer step this process ran
         if ckpt is not None:
+            check_resume_weights(read_trainer_state(ckpt)["config"]["data"]["sources"], config.data.sources)
             load_checkpoint(self.train_state, ckpt, engine_path=universal)
             log.info("resumed from %s at step %d%s", ckpt, self.step,
                      f" (written by another world size; engine state from {universal.name})" if universal else "")
+        # Samples per source, counted from the global order on the main rank (replayed up to a resumed step).
+        self.source_counts = SourceCounter(self.schedule, self.samples.item_sources, self.samples.num_sources)
+        if self.dist.is_main:
+            self.source_counts.advance(self.step)
 
     # `step` and `state` read and write the TrainState, so it stays the one record of where the run is
     # (bench/ drives the loop by hand through them).
@@ -158,7 +170,7 @@ class Trainer:
         ahead = t.read_ahead if t.read_ahead is not None else (0 if self.cache.storage.is_local else 16)
         copies = (t.read_through_dir, int(t.read_through_gb * 1e9)) if t.read_through_dir else None
         dataset = CachedBatches(self.cache.url, dict(self.config.cache.storage_options), self.samples.train_rows, ahead,
-                                copies, control=t.controlnet.enabled)
+                                copies, control=t.controlnet.enabled, item_sources=self.samples.item_sources)
         sampler = MicroBatchSampler(self.schedule, self.state, self.dist.rank, self.dist.world, t.micro_batch_size)
         batches = iter(build_loader(dataset, sampler, self.config))
         bar = _progress(self.dist.is_main, self.step, t.max_steps)
@@ -173,6 +185,8 @@ class Trainer:
                 losses.append(self.train_step(batch))
             self.step += 1
             self.state = self.schedule.advance(self.state)
+            if self.dist.is_main:
+                self.source_counts.advance()
             if self.ema is not None:
                 self.ema.update(self.engine.module, self.step)
             loss = _mean_over_ranks(float(np.mean(losses)), self.dist.device)
@@ -186,7 +200,8 @@ class Trainer:
                 last = self.metrics.flush_window(self.step, {
                     "train/loss": loss, "train/lr": self.lr_scheduler.get_last_lr()[0],
                     "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
-                    "train/epoch": float(self.state.epoch)})
+                    "train/epoch": float(self.state.epoch),
+                    **{f"data/samples_source{i}": float(n) for i, n in enumerate(self.source_counts.counts)}})
             if t.validation_every and (self.step % t.validation_every == 0 or self.step == t.max_steps):
                 self.validate()
             if (self.step % t.checkpoint_every == 0 or self.step == t.max_steps
@@ -208,6 +223,7 @@ class Trainer:
             "final_loss_mean_last_10": float(np.mean(self.history[-10:])) if self.history else None,
             "last_window": last, "world_size": self.dist.world, "global_batch": self.global_batch,
             "train_samples": self.samples.num_train, "cache_fingerprint": self.cache.spec.fingerprint,
+            "samples_per_source": source_report(self.source_counts.counts.tolist(), self.config.data.sources),
             # ZeRO-3 leaves each parameter's module tensor empty; `ds_numel` is its whole size.
             "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters()
                                         if p.requires_grad),

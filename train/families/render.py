@@ -15,6 +15,8 @@ import torch
 
 from latentforge.shared.families import family_facts
 
+from ..noise_options import sampling_scheduler
+
 # (size, prompt fields, empty fields, generator, decode, extra pipeline arguments such as a control image)
 Renderer = Callable[[tuple[int, int], dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Generator, bool,
                      "dict[str, Any] | None"], "np.ndarray | None"]
@@ -34,7 +36,7 @@ def vae_renderer(adapter: Any, model: torch.nn.Module, setup: Any) -> Renderer:
     vae_source = {} if cfg.vae else {"subfolder": "vae", **cfg.pins()}  # a separate VAE: its own repo's default
     vae = vae_cls.from_pretrained(cfg.vae or cfg.pretrained, **vae_source).to(setup.device)
     sched_cfg = diffusers.DDPMScheduler.load_config(cfg.pretrained, subfolder="scheduler", **cfg.pins(weights=False))
-    scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
+    scheduler = sampling_scheduler(setup.config, dict(sched_cfg))  # EDM / zero terminal SNR: what training assumed
     pipe = adapter.validation_pipeline(model, vae, scheduler)
     extra = {"use_resolution_binning": False} if "use_resolution_binning" in call_args(pipe) else {}
 
