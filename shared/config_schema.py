@@ -2,7 +2,7 @@
 
 Why pydantic rather than plain dataclasses: it gives strict typing, `extra="forbid"` and per-field
 descriptions for free, and DeepSpeed already depends on it, so it costs no extra install. Loading YAML,
-applying overrides and phrasing errors live in `config.py`; this module only declares.
+applying overrides and phrasing errors live in `config.py`; this module only declares (the train section: `config_train.py`).
 """
 
 from __future__ import annotations
@@ -10,15 +10,26 @@ from __future__ import annotations
 from fractions import Fraction
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from .families import FAMILY_FACTS
+from .config_section import FAMILIES, ComputeDtype, Family, Section, StoreDtype
+from .config_train import (
+    ControlNetSection,
+    EdmConfig,
+    EmaConfig,
+    LoraSection,
+    TimestepBiasConfig,
+    TrainConfig,
+)
 from .secrets import credential_error, find_credential
 
-FAMILIES = tuple(FAMILY_FACTS)
-Family = Literal[FAMILIES]  # type: ignore[valid-type]  # the facts table is the one list of families
-StoreDtype = Literal["bfloat16", "float16"]
-ComputeDtype = Literal["float32", "bfloat16", "float16"]
+__all__ = ["FAMILIES", "BucketsConfig", "CacheConfig", "ComputeDtype", "ConditioningConfig", "Config",
+           "ControlNetSection", "DataConfig", "EdmConfig", "EmaConfig", "Family", "LoraSection", "MetadataFilter",
+           "ModelConfig", "SourceConfig", "StoreDtype", "TimestepBiasConfig", "TrainConfig", "UpscaleConfig",
+           "credential_in_config", "parse_ratio"]
+
+# The train section lives in config_train.py; the base class and shared types in config_section.py.
+_Section = Section
 
 
 def credential_in_config(tree: Any) -> tuple[str | None, bool]:
@@ -56,11 +67,6 @@ def parse_ratio(value: str | float) -> Fraction:
     if ratio <= 0:
         raise ValueError(f"buckets.aspect_ratios: {value!r} must be positive")
     return ratio
-
-
-class _Section(BaseModel):
-    # Strict: a misspelt key must fail loudly, and "1e-5" in YAML must not silently become a string.
-    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
 
 
 class ModelConfig(_Section):
@@ -280,151 +286,6 @@ class CacheConfig(_Section):
     conditioning: ConditioningConfig = Field(
         default_factory=ConditioningConfig, description="ControlNet control images cached per sample."
     )
-
-
-class TimestepBiasConfig(_Section):
-    strategy: Literal["none", "earlier", "later", "range"] = Field(
-        default="none", description="Bias timestep sampling towards earlier/later steps or a range (MindONE/diffusers)."
-    )
-    multiplier: float = Field(default=1.0, gt=0, description="Weight of the biased timesteps relative to the others.")
-    begin: int = Field(default=0, ge=0, description="First timestep of the range (strategy: range).")
-    end: int = Field(default=1000, ge=1, description="End (exclusive) of the range (strategy: range).")
-    portion: float = Field(default=0.25, gt=0, le=1, description="Fraction of timesteps biased (earlier/later).")
-
-    @model_validator(mode="after")
-    def _range(self) -> TimestepBiasConfig:
-        if self.begin >= self.end:
-            raise ValueError(f"begin ({self.begin}) must be < end ({self.end})")
-        return self
-
-
-class EdmConfig(_Section):
-    p_mean: float = Field(default=-1.2, description="Mean of log(sigma) (EDM's log-normal noise-level sampling).")
-    p_std: float = Field(default=1.2, gt=0, description="Std of log(sigma).")
-    sigma_data: float = Field(default=0.5, gt=0, description="Std of the (scaled) data the preconditioning assumes.")
-    sigma_min: float = Field(default=0.002, gt=0, description="Smallest sigma of the exported EDMEulerScheduler.")
-    sigma_max: float = Field(default=80.0, gt=0, description="Largest sigma of the exported EDMEulerScheduler.")
-
-
-class EmaConfig(_Section):
-    enabled: bool = Field(default=False, description="Keep an exponential moving average of the trained weights (fp32).")
-    decay: float = Field(default=0.9999, gt=0, lt=1, description="EMA decay per update.")
-    start_step: int = Field(
-        default=0, ge=0,
-        description="Until this optimizer step (included) each update copies the weights; after it, it averages "
-        "with `decay` (Stable Cascade's ema_start_iters).",
-    )
-    update_every: int = Field(default=1, ge=1, description="Update the EMA every N optimizer steps (ema_iters).")
-
-
-class LoraSection(_Section):
-    enabled: bool = Field(default=False, description="Train LoRA adapters (peft) instead of the full denoiser.")
-    rank: int = Field(default=16, ge=1, description="LoRA rank r.")
-    alpha: float = Field(default=16.0, gt=0, description="LoRA alpha (the update is scaled by alpha / rank).")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
-        description="Module names or regex (peft target_modules) that get adapters; default: attention projections.",
-    )
-    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
-
-
-class ControlNetSection(_Section):
-    enabled: bool = Field(
-        default=False, description="Train a ControlNet (initialised from the UNet, which stays frozen) on the "
-        "cache's control images (cache.conditioning); SD 1.x and SDXL.",
-    )
-    pretrained: str | None = Field(default=None, description="Start from this ControlNet (hub id or folder) instead.")
-    conditioning_scale: float = Field(default=1.0, gt=0, description="Scale of the ControlNet residuals.")
-    degrade_factor: int = Field(
-        default=4, ge=1, description="kind image: the control is the crop shrunk by this factor and enlarged back."
-    )
-
-
-class TrainConfig(_Section):
-    output_dir: str = Field(description="Checkpoints, TensorBoard logs and exports go here.")
-    max_steps: int = Field(gt=0, description="Optimizer steps to train.")
-    seed: int = Field(default=0, ge=0, description="Seed for sample order, noise and dropout.")
-    lr: float = Field(default=1e-5, gt=0, description="Peak learning rate (per sample x global batch with scale_lr).")
-    scale_lr: bool = Field(default=False, description="Multiply lr by the global batch size.")
-    lr_scheduler: Literal["constant", "cosine", "linear"] = Field(default="constant", description="Decay after warmup.")
-    warmup_steps: int = Field(default=0, ge=0, description="Linear warmup steps from 0 to lr.")
-    micro_batch_size: int = Field(default=1, ge=1, description="Samples per rank per forward pass.")
-    gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
-    max_grad_norm: float = Field(default=1.0, ge=0, description="Gradient clipping (0 disables).")
-    optimizer: Literal["adamw", "adamw_8bit", "lion", "lion_8bit", "adafactor", "prodigy", "deepspeed"] = Field(
-        default="adamw",
-        description="adamw (torch; DeepSpeed's CPU Adam under ZeRO-Offload), adamw_8bit / lion / lion_8bit "
-        "(bitsandbytes), adafactor (transformers), prodigy (prodigyopt, use lr 1.0), deepspeed (the "
-        "deepspeed.optimizer section). The warmup/decay schedule applies to each.",
-    )
-    optimizer_args: dict[str, Any] = Field(
-        default_factory=dict, description="Extra keyword arguments for the optimizer, e.g. {d_coef: 0.5} for Prodigy."
-    )
-    weight_decay: float = Field(default=1e-2, ge=0, description="Decoupled weight decay of the optimizer.")
-    adam_betas: tuple[float, float] = Field(default=(0.9, 0.999), description="AdamW betas.")
-    adam_eps: float = Field(default=1e-8, gt=0, description="AdamW epsilon.")
-    gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
-    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
-        default=None, description="Training target; default: the model's scheduler config."
-    )
-    objective: Literal["scheduler", "edm"] = Field(
-        default="scheduler",
-        description="scheduler: the family's own (DDPM eps/v, or flow matching); edm: Karras preconditioning with "
-        "log-normal sigmas for the eps/v UNet families (train.edm), exported with an EDMEulerScheduler.",
-    )
-    edm: EdmConfig = Field(default_factory=EdmConfig, description="EDM objective settings (train.objective: edm).")
-    zero_terminal_snr: bool = Field(
-        default=False,
-        description="Rescale the betas to zero terminal SNR (Lin et al. 2023); needs v_prediction. Validation and "
-        "export then sample with trailing timesteps.",
-    )
-    input_perturbation: float = Field(
-        default=0.0, ge=0, description="Input perturbation (e.g. 0.1): the model input is noised with noise + p x "
-        "fresh noise, the target keeps the noise (diffusers' train_text_to_image).",
-    )
-    snr_gamma: float | None = Field(default=None, gt=0, description="Min-SNR-gamma loss weighting (e.g. 5.0); off when unset.")
-    noise_offset: float = Field(default=0.0, ge=0, description="Offset noise strength (e.g. 0.05).")
-    timestep_bias: TimestepBiasConfig = Field(default_factory=TimestepBiasConfig, description="Timestep sampling bias.")
-    flow_weighting: Literal["logit_normal", "uniform"] = Field(
-        default="logit_normal", description="Flow-matching families (SANA): how noise levels are sampled."
-    )
-    flow_shift: float | None = Field(default=None, gt=0, description="Flow-matching shift; default the scheduler's.")
-    logit_mean: float = Field(default=0.0, description="Mean of the logit-normal noise-level distribution.")
-    logit_std: float = Field(default=1.0, gt=0, description="Std of the logit-normal noise-level distribution.")
-    gdf_shift: float = Field(
-        default=1.0, gt=0, description="Stable Cascade: GDF schedule shift (logSNR + 2 log(1/shift)); 1 as Stage C was trained."
-    )
-    caption_dropout: float = Field(default=0.0, ge=0, le=1, description="Probability of training on the empty prompt.")
-    micro_conditioning_dropout: float = Field(
-        default=0.0, ge=0, le=1, description="Probability of zeroing SDXL's size/crop conditioning for a sample."
-    )
-    ema: EmaConfig = Field(default_factory=EmaConfig, description="Exponential moving average of the weights.")
-    lora: LoraSection = Field(default_factory=LoraSection, description="Low-rank adapters (peft) on the denoiser.")
-    controlnet: ControlNetSection = Field(default_factory=ControlNetSection, description="ControlNet training.")
-    held_out_fraction: float = Field(
-        default=0.0, ge=0, lt=1, description="Fraction of samples (by key hash) kept out of training for validation."
-    )
-    validation_every: int = Field(default=0, ge=0, description="Validation loss + image grid every N steps (0: off).")
-    validation_inference_steps: int = Field(default=20, ge=1, description="Denoising steps for validation images.")
-    checkpoint_every: int = Field(default=500, ge=1, description="Save a DeepSpeed checkpoint every N steps.")
-    keep_last: int = Field(default=3, ge=1, description="Checkpoints to keep.")
-    backup_every: int = Field(
-        default=0, ge=0,
-        description="Also keep every checkpoint whose step is a multiple of this, outside the keep_last rotation "
-        "(Stable Cascade's backup_every; 0: off). Such a step is always checkpointed.",
-    )
-    resume: str | None = Field(default=None, description="'latest', a checkpoint folder, or unset for a fresh run.")
-    log_every: int = Field(default=10, ge=1, description="TensorBoard scalars every N steps.")
-    num_workers: int = Field(default=2, ge=0, description="DataLoader worker processes reading the cache.")
-    prefetch_factor: int = Field(default=4, ge=1, description="Batches each worker reads ahead.")
-    read_ahead: int | None = Field(
-        default=None, ge=0, description="Micro-batches each worker reads concurrently ahead (threads); unset: 16 "
-        "when cache.path is on an object store (hides its per-request latency), 0 on a local disk.")
-    read_through_dir: str | None = Field(
-        default=None, description="Object-store caches: a local folder for copies of the shard files read, so "
-        "later epochs read at local-disk speed (several workers and ranks may share it).")
-    read_through_gb: float = Field(default=100.0, gt=0, description="Most GB read_through_dir may hold; least "
-                                   "recently used copies are deleted beyond it.")
 
 
 class Config(_Section):
