@@ -16,7 +16,7 @@ from latentforge.preprocess.cache_writer import CacheWriter
 from latentforge.shared.config import Config
 from latentforge.shared.families import ALT_SUFFIX
 
-PHASES = ("read", "prepare", "vae", "text", "write", "total")
+PHASES = ("read", "prepare", "vae", "text", "write", "write_wait", "total")  # write: on the write thread
 
 
 @dataclass
@@ -36,7 +36,16 @@ class ShardStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {"seconds": {k: round(v, 4) for k, v in self.seconds.items()}, "upscale": dict(self.upscale),
-                "seen": self.seen, "finished_at": time.time()}
+                "seen": self.seen, "finished_at": time.time(), "peak_host_mb": peak_host_mb()}
+
+
+def peak_host_mb() -> float:
+    """Peak resident host memory of this process so far, MB (what one cache rank needs of host RAM)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 20) if sys.platform == "darwin" else peak / 1024, 1)  # bytes on macOS, KiB on Linux
 
 
 def build_summary(writer: CacheWriter, config: Config, elapsed: float, world: int) -> dict[str, Any]:
@@ -47,7 +56,9 @@ def build_summary(writer: CacheWriter, config: Config, elapsed: float, world: in
     upscale: Counter = Counter()
     seconds: Counter = Counter()
     seen = size = alt = 0
+    peak_mb = 0.0
     for m in groups:
+        peak_mb = max(peak_mb, float(m.stats.get("peak_host_mb", 0.0)))
         buckets.update(m.bucket_counts)
         skips.update({reason: entry["count"] for reason, entry in m.skipped.items()})
         upscale.update(m.stats.get("upscale", {}))
@@ -74,6 +85,7 @@ def build_summary(writer: CacheWriter, config: Config, elapsed: float, world: in
                              "bytes_per_sample": round(alt / samples) if samples else 0},
         "wall_seconds": round(elapsed, 2),
         "processes": world,
+        "peak_host_mb_per_rank": peak_mb,  # the largest peak resident memory any rank reported at a commit
         "images_per_second": round(seen / elapsed, 2) if elapsed > 0 else 0.0,
     }
 
@@ -94,6 +106,8 @@ def print_summary(s: dict[str, Any]) -> None:
     if s["upscale"]:
         print("  resize path: " + ", ".join(f"{m}={n}" for m, n in s["upscale"].items()))
     print("  seconds (summed over shards): " + ", ".join(f"{p} {v}" for p, v in s["seconds_by_phase"].items()))
+    if s.get("peak_host_mb_per_rank"):
+        print(f"  peak host memory per rank: {s['peak_host_mb_per_rank']:.0f} MB")
     variants = s["caption_variants"]
     if variants["per_sample"] > 1:
         print(f"  {variants['per_sample']} captions per sample: the extra ones take {variants['bytes_on_disk'] / 1e6:.1f} MB, "
