@@ -33,7 +33,7 @@ def _rows_text(rows: Any, keys: Any) -> str:
 
 def verify_cache(reader: Any) -> list[str]:
     """Every problem found, one line each, naming the file and the shard (group) it is in."""
-    from latentforge.shared.cache_format import compute_fingerprint
+    from latentforge.shared.cache_fingerprint import compute_fingerprint
 
     problems: list[str] = []
     spec = reader.spec

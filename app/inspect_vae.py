@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from latentforge.shared.cache_format import (
+from latentforge.shared.cache_fingerprint import (
     LOCATION_PATH,
     MODEL_COMMIT,
     MODEL_FILES,

@@ -127,7 +127,8 @@ class SampleSource:
 def sdxl_spec(codec: str = "blosc-lz4", shard_rows: int = 256, bucket: tuple[int, int] = SDXL_BUCKET,
               pooled_dim: int = 1280, text_dim: int = 2048, latent_channels: int = 4) -> Any:
     """A CacheSpec for SDXL-shaped bf16 rows (what the cache job writes for a real SDXL model)."""
-    from latentforge.shared.cache_format import CacheSpec, compute_fingerprint
+    from latentforge.shared.cache_fingerprint import compute_fingerprint
+    from latentforge.shared.cache_format import CacheSpec
     from latentforge.shared.families import cached_fields
 
     fields = cached_fields("sdxl", latent_channels=latent_channels, latent_mode="mean", store_dtype="bfloat16",

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from latentforge.shared.cache_format import files_model_part, hub_model_part, model_identity_doc
+from latentforge.shared.cache_fingerprint import files_model_part, hub_model_part, model_identity_doc
 from latentforge.shared.config import Config
 from latentforge.shared.families import family_facts
 from latentforge.shared.file_hash import sha256_file
@@ -172,7 +172,7 @@ def model_identity(config: Config, sources: ModelSources | None = None) -> dict[
     without them) and the weight variant.
 
     Only the encoders count (VAE, text encoders, tokenizers): swapping the UNet must not invalidate a cache.
-    The key names are the cache contract's (`cache_format.model_identity_doc`): the trainer reads them back.
+    The key names are the cache contract's (`cache_fingerprint.model_identity_doc`): the trainer reads them back.
     """
     def one(src: str, subfolders: Sequence[str], source: ModelSource | None, revision: str | None,
             variant: str | None) -> dict[str, Any]:

@@ -28,14 +28,12 @@ import torch
 from latentforge.preprocess.buckets import buckets_by_resolution, generate_bucket_set
 from latentforge.preprocess.cache_writer import CacheWriter
 from latentforge.preprocess.overlap import WriteBehind, ordered_map
-from latentforge.shared.cache_format import (
+from latentforge.shared.cache_fingerprint import (
     UPSCALE_WEIGHT_SETTINGS,
-    CacheSpec,
-    GroupManifest,
-    SourceOrigin,
     compute_fingerprint,
     fingerprint_inputs,
 )
+from latentforge.shared.cache_format import CacheSpec, GroupManifest, SourceOrigin
 from latentforge.shared.config import Config, ConfigError, SourceConfig, load_config
 from latentforge.shared.entry import add_run_args, run_guarded
 from latentforge.shared.families import cached_fields, text_field_names, with_caption_variants

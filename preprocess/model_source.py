@@ -2,7 +2,7 @@
 
 A hub revision is a name (`main`, a branch such as `fp16`, a tag) that can move. The cache job resolves
 it to the commit it names once, before any model loads, and then loads every encoder at that commit: the
-weights the tensors came from are the ones the fingerprint records (`cache_format.MODEL_COMMIT`), even if
+weights the tensors came from are the ones the fingerprint records (`cache_fingerprint.MODEL_COMMIT`), even if
 the branch moves while the job runs, and a branch that has moved since makes the next run re-cache.
 
 Resolution itself (`shared.hub_revision`) is shared with the trainer, which checks the commit it trains

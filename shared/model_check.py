@@ -2,7 +2,7 @@
 
 `CacheReader.check_compatible` compares shapes (family, latent channels, text widths); two VAEs or text
 encoders of the same widths pass it. This compares the weights themselves: the sha256 of each weight
-file the cache's model identity records (`cache_format.recorded_model_parts`) against the same file in
+file the cache's model identity records (`cache_fingerprint.recorded_model_parts`) against the same file in
 the training model's folder.
 
 `cache.json` also records where the model was loaded from (`CacheSpec.model_location`: a folder's absolute
@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .cache_format import (
+from .cache_fingerprint import (
     LOCATION_PATH,
     LOCATION_PRETRAINED,
     LOCATION_VAE,
@@ -28,11 +28,9 @@ from .cache_format import (
     MODEL_REVISION,
     MODEL_TEXT,
     MODEL_VAE,
-    CacheMismatchError,
-    CacheSpec,
-    describe_mismatch,
     recorded_model_parts,
 )
+from .cache_format import CacheMismatchError, CacheSpec, describe_mismatch
 from .families import FAMILY_FACTS
 from .file_hash import sha256_file
 from .hub_revision import DEFAULT_REVISION, PIPELINE_MARKER, VAE_MARKER, resolve_commit

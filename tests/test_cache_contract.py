@@ -15,29 +15,31 @@ import torch
 import zarr
 
 from latentforge.preprocess.cache_writer import CacheWriter
-from latentforge.shared.cache_format import (
-    CACHE_JSON,
-    CODECS,
+from latentforge.shared.cache_fingerprint import (
     FP_MODEL,
-    KEY_BYTES,
-    MAX_SOURCE_KEY_BYTES,
     MODEL_HUB_ID,
     MODEL_TEXT,
     MODEL_VAE,
+    compute_fingerprint,
+    fingerprint_inputs,
+    recorded_model_parts,
+)
+from latentforge.shared.cache_format import (
+    CACHE_JSON,
+    CODECS,
+    KEY_BYTES,
+    MAX_SOURCE_KEY_BYTES,
     CacheFormatError,
     CacheMismatchError,
     CacheSpec,
     GroupManifest,
     SourceOrigin,
-    compute_fingerprint,
     decode_keys,
     encode_keys,
     find_source,
-    fingerprint_inputs,
     group_id,
     key_problem,
     parse_group_id,
-    recorded_model_parts,
     virtual_shard_name,
 )
 from latentforge.shared.cache_reader import CacheReader

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from latentforge.preprocess.cache_writer import CacheWriter, _array_template, _create_array, to_storage
 from latentforge.preprocess.shard_writer import ChunkWriter, RowShardWriter
+from latentforge.shared.cache_fingerprint import compute_fingerprint
 from latentforge.shared.cache_format import (
     CACHE_JSON,
     COMMIT_JSON,
@@ -28,7 +29,6 @@ from latentforge.shared.cache_format import (
     CacheMismatchError,
     CacheSpec,
     FieldSpec,
-    compute_fingerprint,
     decode_keys,
 )
 from latentforge.shared.cache_reader import CacheReader

@@ -98,7 +98,7 @@ def test_cache_with_three_captions_per_image_trains(tiny_sdxl, demo_data, tmp_pa
 
 
 def test_fingerprint_counts_variants_only_when_on() -> None:
-    from latentforge.shared.cache_format import fingerprint_inputs
+    from latentforge.shared.cache_fingerprint import fingerprint_inputs
 
     cache = load_config(DEMO).cache.model_dump()
     common = {"pipeline_version": 1, "family": "sdxl", "model": {}, "buckets": {}, "upscale": {}, "upscale_weights": {}}

@@ -139,7 +139,7 @@ def test_canny_edges_outline_the_square(tiny_sdxl, tmp_path):
 
 
 def test_a_cache_without_conditioning_keeps_its_fingerprint_and_json():
-    from latentforge.shared.cache_format import fingerprint_inputs
+    from latentforge.shared.cache_fingerprint import fingerprint_inputs
 
     base = {"latent_mode": "mean", "store_dtype": "bfloat16", "vae_dtype": "float32", "text_dtype": "float32",
             "clip_skip": 0, "max_tokens": None, "flip": False, "max_pixels": 1, "missing_caption": "skip",

@@ -20,7 +20,7 @@ import pytest
 import torch
 from reliability_support import DEMO, FP32_ZERO2, child_env, run_cli
 
-from latentforge.shared.cache_format import (
+from latentforge.shared.cache_fingerprint import (
     FP_MODEL,
     MODEL_COMMIT,
     MODEL_FILES,
