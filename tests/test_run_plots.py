@@ -98,3 +98,33 @@ def test_stack_rows_pads_narrow_rows():
     a, b = np.zeros((10, 30, 3), np.uint8), np.zeros((5, 20, 3), np.uint8)
     out = stack_rows([a, b])
     assert out.shape == (15, 30, 3) and (out[10:, 20:] == 255).all()
+
+
+def test_two_short_runs_write_curves_and_labelled_grids_and_compare_side_by_side(unet_only_model, small_cache,
+                                                                                  tmp_path, capsys):
+    from test_train import run_in_process, train_args
+
+    from latentforge.app.cli import main
+
+    common = ("train.max_steps=2", "train.checkpoint_every=2", "train.validation_every=2",
+              "train.validation_inference_steps=2", "train.held_out_fraction=0.2")
+    for name, lr in (("a", "1e-4"), ("b", "3e-4")):
+        run_in_process(train_args(unet_only_model, small_cache, tmp_path / name, *common, f"train.lr={lr}"))
+        run = tmp_path / name
+        assert (run / "loss_curve.png").is_file() and (run / "val_log.jsonl").is_file()
+        grid = np.asarray(Image.open(run / "validation" / "step-00000002.png"))
+        assert grid.shape[0] > CAPTION_H and (grid[:CAPTION_H, NAME_W:] < 128).any()  # labelled
+
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp")]) == 0
+    text = capsys.readouterr().out
+    assert "train.lr" in text and "0.0001" in text and "0.0003" in text and "last val loss" in text
+    assert "train.output_dir" not in text  # differs by construction, not worth a line
+    curves = Image.open(tmp_path / "cmp" / "loss_curves.png")
+    grids = np.asarray(Image.open(tmp_path / "cmp" / "validation_grids.png"))
+    one = np.asarray(Image.open(tmp_path / "a" / "validation" / "step-00000002.png"))
+    assert curves.size == (720, 420) and grids.shape[0] == 2 * one.shape[0]
+
+    (tmp_path / "empty").mkdir()
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "empty")]) == 2
+    assert "is not a run folder" in capsys.readouterr().err

@@ -146,6 +146,7 @@ def draw_curves(curves: Mapping[str, Series], path: Path, title: str, size: tupl
     d.text((w / 2, 8), title, fill=FG, font=font(14), anchor="mt")
     d.text(((left + right) / 2, h - 6), "step", fill=FG, font=small, anchor="mb")
     d.text((6, (top + bottom) / 2), "loss", fill=FG, font=small, anchor="lm")
+    legend_x = right - 40 - max((d.textlength(name, font=small) for name in curves), default=0)
     for i, (name, (steps, values)) in enumerate(curves.items()):
         colour = PALETTE[i % len(PALETTE)]
         points = [(x_axis.to_pixel(x), y_axis.to_pixel(y)) for x, y in zip(steps, values, strict=True)]
@@ -154,8 +155,8 @@ def draw_curves(curves: Mapping[str, Series], path: Path, title: str, size: tupl
         for x, y in points if len(points) <= 50 else ():  # markers while they stay readable
             d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
         ly = top + 8 + 18 * i  # legend, top right inside the plot
-        d.line([(right - 150, ly + 6), (right - 126, ly + 6)], fill=colour, width=3)
-        d.text((right - 120, ly), name, fill=FG, font=small)
+        d.line([(legend_x, ly + 6), (legend_x + 24, ly + 6)], fill=colour, width=3)
+        d.text((legend_x + 30, ly), name, fill=FG, font=small)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
