@@ -35,6 +35,7 @@ def test_nice_ticks_by_hand():
     assert nice_ticks(0, 10) == [0, 2, 4, 6, 8, 10]  # 10 / 5 = 2: a 2 step
     assert nice_ticks(0.13, 0.97, 5) == [0.2, 0.4, 0.6, 0.8]
     assert nice_ticks(1, 1) == [1]
+    assert nice_ticks(1, 2, 6) == [1, 1.2, 1.4, 1.6, 1.8, 2] and nice_ticks(1, 2, 6, integer=True) == [1, 2]
     assert nice_ticks(1, 100, 6) == [20, 40, 60, 80, 100]
 
 

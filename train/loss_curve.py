@@ -68,8 +68,11 @@ def run_curves(run_dir: Path) -> dict[str, Series]:
     return curves
 
 
-def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """About `count` round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
+def nice_ticks(lo: float, hi: float, count: int = 5, *, integer: bool = False) -> list[float]:
+    """About `count` round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi].
+
+    `integer` keeps the spacing at 1 or more (steps are whole numbers: no tick at step 1.2).
+    """
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"tick range must be finite, got [{lo}, {hi}]")
     if hi <= lo:
@@ -77,6 +80,8 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     raw = (hi - lo) / max(1, count)
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    if integer:
+        step = max(step, 1)
     first = math.ceil(lo / step - 1e-9) * step
     ticks = []
     value = first
@@ -137,7 +142,7 @@ def draw_curves(curves: Mapping[str, Series], path: Path, title: str, size: tupl
         d.line([(left, y), (right, y)], fill=GRID)
         d.line([(left - 4, y), (left, y)], fill=FG)
         d.text((left - 6, y), _label(tick), fill=FG, font=small, anchor="rm")
-    for tick in nice_ticks(x_axis.lo, x_axis.hi, 6):
+    for tick in nice_ticks(x_axis.lo, x_axis.hi, 6, integer=True):
         x = x_axis.to_pixel(tick)
         d.line([(x, top), (x, bottom)], fill=GRID)
         d.line([(x, bottom), (x, bottom + 4)], fill=FG)
