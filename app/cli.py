@@ -61,6 +61,18 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return cli_entry(args)
 
 
+def _configure_compare(p: argparse.ArgumentParser) -> None:
+    from .compare import configure
+
+    configure(p)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import cli_entry
+
+    return cli_entry(args)
+
+
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from latentforge.devkit.tiny_models import build_tiny_pipeline
 
@@ -109,6 +121,8 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Han
                _configure_export, _cmd_export),
     "inspect": ("summarise a cache, draw its buckets and decoded samples as PNGs, --verify it in full",
                 _configure_inspect, _cmd_inspect),
+    "compare": ("print two runs' final figures and differing hparams side by side; plot both losses, stack their grids",
+                _configure_compare, _cmd_compare),
     "tiny-model": ("write a tiny random diffusers pipeline for offline tests and the demo", _configure_tiny_model, _cmd_tiny_model),
     "demo-data": ("write the demo dataset (real photos) as WebDataset shards and an image folder", _configure_demo_data, _cmd_demo_data),
 }

@@ -59,7 +59,9 @@ def test_controlnet_cache_train_export_infer(family, kind, extra, tmp_path):
         unet_after = trainer.engine.module.unet.state_dict()
         assert all(torch.equal(unet_before[k].to(unet_after[k].dtype), unet_after[k]) for k in unet_before)
     grid = np.asarray(Image.open(tmp_path / "run" / "validation" / "step-00000002.png"))
-    assert grid.shape[0] == 2 * 128  # the control image above each output
+    from latentforge.train.grid_labels import CAPTION_H
+
+    assert grid.shape[0] == CAPTION_H + 2 * 128  # the control image above each output, under the prompt labels
     summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
     assert summary["trainable_parameters"] == sum(getattr(p, "ds_numel", p.numel())
                                                   for p in trainer.engine.module.controlnet.parameters())

@@ -82,7 +82,9 @@ def test_stable_cascade_cache_train_export_infer(tiny_cascade, demo_data, tmp_pa
     assert png.is_file()  # prior -> Stage B -> Paella VQ, from the cached prompt embeddings
     from PIL import Image
 
-    assert Image.open(png).size == (256 * 2, 256)  # two validation prompts side by side
+    from latentforge.train.grid_labels import CAPTION_H, NAME_W
+
+    assert Image.open(png).size == (NAME_W + 256 * 2, CAPTION_H + 256)  # two prompts side by side, labelled
     # backup_every=1 keeps step 1 beside the keep_last=1 rotation.
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")) == ["step-00000001", "step-00000002"]
 

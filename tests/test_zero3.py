@@ -52,7 +52,10 @@ def test_zero3_ema_validation_resume_and_export(unet_only_model, small_cache, ti
 
     # Validation under ZeRO-3: every rank runs the pipeline, rank 0 writes the grid; the held-out loss is logged.
     assert sorted(held_out_losses(base)) == [2, 4]
-    assert grid(base, 2).shape == (256, 512, 3) and grid(base, 4).shape == (256, 512, 3)
+    from latentforge.train.grid_labels import CAPTION_H, NAME_W
+
+    labelled = (CAPTION_H + 256, NAME_W + 512, 3)  # two 256x256 panels under prompt labels, the row name left
+    assert grid(base, 2).shape == labelled and grid(base, 4).shape == labelled
 
     # The EMA is whole in the checkpoint: every trainable parameter at its full shape.
     from diffusers import UNet2DConditionModel

@@ -33,6 +33,7 @@ from .data import CachedBatches, CachedSamples, build_loader
 from .distributed import build_engine, deepspeed_config, init_distributed, lost_peer
 from .ema import build_ema
 from .families import adapter_for
+from .loss_curve import write_loss_curve
 from .metrics import Metrics
 from .mixing import SourceCounter, build_schedule, check_resume_weights, source_report
 from .sampler import MicroBatchSampler, SamplerState
@@ -212,6 +213,7 @@ class Trainer:
         bar.close()
         if self.dist.is_main:
             self._write_run_summary(last, time.perf_counter() - started)
+            write_loss_curve(self.output)  # OUTPUT/loss_curve.png beside train_log.jsonl
         self.metrics.hparams(_hparams(self.config), {"final/loss": float(np.mean(self.history[-10:] or [float("nan")]))})
         self.metrics.close()
         return last

@@ -20,6 +20,8 @@ import torch
 
 from latentforge.shared.cache_reader import CacheReader
 
+from .grid_labels import label_row
+from .loss_curve import append_val_loss, write_loss_curve
 from .metrics import Metrics
 from .step import StepSetup, forward_loss
 
@@ -104,14 +106,22 @@ def validate(model: torch.nn.Module, setup: StepSetup, data: ValidationData, met
              is_main: bool, sharded: bool) -> None:
     """Log the held-out loss (every rank computes it) and, on the main rank, save and log the image grid.
 
+    The main rank also appends the loss to OUTPUT/val_log.jsonl, redraws OUTPUT/loss_curve.png, and labels
+    the grid (`grid_labels.label_row`: each panel's prompt, the row's name and the step).
+
     `model` is the bare module being trained (not the DeepSpeed engine); `sharded` says its weights are
     partitioned over ranks (ZeRO-3). Then each forward pass gathers the weights from all ranks, so every
     rank runs the same held-out batches and the same denoising steps (the same calls, in the same order),
     and only the main rank decodes and writes the grid.
     """
     loss = held_out_loss(model, setup, data.reader, data.held_out, setup.config.train.micro_batch_size)
+    out_dir = Path(setup.config.train.output_dir)
     if loss is not None:
         metrics.scalar("val/loss", loss, step)
+        if is_main:
+            append_val_loss(out_dir, step, loss)
+    if is_main:  # the curve for people without TensorBoard open, redrawn with the new held-out point
+        write_loss_curve(out_dir)
     if not is_main and not sharded:
         return
     grid = image_grid(model, setup, data.reader.spec.buckets, data.prompts, data.embeds, decode=is_main,
@@ -120,7 +130,8 @@ def validate(model: torch.nn.Module, setup: StepSetup, data: ValidationData, met
         return
     from PIL import Image
 
-    out = Path(setup.config.train.output_dir) / "validation"
+    grid = label_row(grid, data.prompts, "current", step)
+    out = out_dir / "validation"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"step-{step:08d}.png"
     Image.fromarray(grid).save(path)
