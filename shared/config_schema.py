@@ -35,8 +35,8 @@ _Section = Section
 def credential_in_config(tree: Any) -> tuple[str | None, bool]:
     """(dotted path, found in a URL) of the first credential in a raw config tree, or (None, False).
 
-    Option names count inside every `storage_options` (at any depth) and the `deepspeed` section
-    (monitors take api keys); a URL with userinfo counts anywhere.
+    Option names count inside every `storage_options` (at any depth), the `deepspeed` section (monitors
+    take api keys) and `train.wandb`; a URL with userinfo counts anywhere.
     """
     if not isinstance(tree, dict):
         return None, False
@@ -46,6 +46,9 @@ def credential_in_config(tree: Any) -> tuple[str | None, bool]:
     candidates: list[tuple[str, Any]] = [("deepspeed", tree.get("deepspeed")),
                                          ("cache.storage_options", (tree.get("cache") or {}).get("storage_options")
                                           if isinstance(tree.get("cache"), dict) else None)]
+    train = tree.get("train")
+    if isinstance(train, dict):
+        candidates.append(("train.wandb", train.get("wandb")))  # an api_key pasted beside the project
     sources = (tree.get("data") or {}).get("sources") if isinstance(tree.get("data"), dict) else None
     for i, src in enumerate(sources if isinstance(sources, list) else []):
         if isinstance(src, dict):

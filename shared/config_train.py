@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -67,6 +68,30 @@ class ControlNetSection(_Section):
     degrade_factor: int = Field(
         default=4, ge=1, description="kind image: the control is the crop shrunk by this factor and enlarged back."
     )
+
+
+class WandbSection(_Section):
+    project: str = Field(default="latentforge", description="wandb project the run logs to.")
+    entity: str | None = Field(default=None, description="wandb team or user; unset: the API key's default entity.")
+    run_name: str | None = Field(default=None, description="Display name of the run; unset: the output folder's name.")
+    tags: list[str] = Field(default_factory=list, description="Tags of the wandb run.")
+    mode: Literal["online", "offline", "disabled"] | None = Field(
+        default=None, description="wandb mode; unset: WANDB_MODE, else online. offline writes the run under "
+        "OUTPUT/wandb (or WANDB_DIR) for a later `wandb sync`.",
+    )
+
+    @model_validator(mode="after")
+    def _no_key(self) -> WandbSection:
+        # The API key comes from WANDB_API_KEY or ~/.netrc only; a pasted key would be copied into checkpoints.
+        for name in ("project", "entity", "run_name", *(f"tags.{i}" for i in range(len(self.tags)))):
+            value = self.tags[int(name[5:])] if name.startswith("tags.") else getattr(self, name)
+            if value and _API_KEY.match(value):
+                raise ValueError(f"{name} looks like an API key: the wandb key comes from WANDB_API_KEY or "
+                                 "~/.netrc (wandb login), never the config")
+        return self
+
+
+_API_KEY = re.compile(r"^(?:[A-Za-z0-9]+[-_])?[A-Za-z0-9]{40,}$")  # 40 hex chars, or a prefixed longer key
 
 
 class TrainConfig(_Section):
@@ -144,6 +169,11 @@ class TrainConfig(_Section):
     )
     resume: str | None = Field(default=None, description="'latest', a checkpoint folder, or unset for a fresh run.")
     log_every: int = Field(default=10, ge=1, description="TensorBoard scalars every N steps.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Where scalars, grids, text and hparams go: "
+        "tensorboard (OUTPUT/tensorboard) and/or wandb (train.wandb; key from WANDB_API_KEY or ~/.netrc).",
+    )
+    wandb: WandbSection = Field(default_factory=WandbSection, description="Weights & Biases run (report_to: wandb).")
     num_workers: int = Field(default=2, ge=0, description="DataLoader worker processes reading the cache.")
     prefetch_factor: int = Field(default=4, ge=1, description="Batches each worker reads ahead.")
     read_ahead: int | None = Field(

@@ -74,6 +74,8 @@ def credential_error(where: str, *, in_url: bool) -> str:
     if in_url:
         return (f"{where}: a URL with a user name or password; credentials must not be written into the config: "
                 "drop 'user:pass@' and set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or a credentials file")
+    if where.startswith("train.wandb"):
+        return f"{where}: the wandb API key must come from WANDB_API_KEY or ~/.netrc (wandb login), not the config"
     return (f"{where}: credentials must come from the environment or a credentials file, not the config "
             "(set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
 

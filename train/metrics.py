@@ -1,28 +1,65 @@
-"""TensorBoard scalars, images and the run's throughput figures (main rank only).
+"""Scalars, images, text and hparams of a run, fanned out to its sinks (main rank only), and throughput figures.
 
-Besides loss/lr/grad norm, it logs the share of step time spent waiting for the DataLoader (what
-torchtitan calls data_loading %): the number that says whether the cache reader keeps up.
+`train.report_to` picks the sinks: TensorBoard (`TensorBoardSink`, OUTPUT/tensorboard) and wandb
+(`wandb_sink.WandbSink`); every call of `Metrics` goes to each, so they show the same numbers. Besides
+loss/lr/grad norm, it logs the share of step time spent waiting for the DataLoader (what torchtitan calls
+data_loading %): the number that says whether the cache reader keeps up.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 
+class Sink(Protocol):
+    """Where a run's figures go: one per `train.report_to` entry."""
+
+    def scalars(self, values: dict[str, float], step: int) -> None: ...
+    def image(self, key: str, image: np.ndarray, step: int) -> None: ...
+    def text(self, key: str, value: str, step: int) -> None: ...
+    def hparams(self, hparams: dict[str, Any], final: dict[str, float]) -> None: ...
+    def close(self) -> None: ...
+
+
+class TensorBoardSink:
+    """A SummaryWriter on OUTPUT/tensorboard."""
+
+    def __init__(self, log_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(log_dir))
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+
+    def image(self, key: str, image: np.ndarray, step: int) -> None:
+        self.writer.add_image(key, image, step, dataformats="HWC")
+
+    def text(self, key: str, value: str, step: int) -> None:
+        self.writer.add_text(key, value, step)
+
+    def hparams(self, hparams: dict[str, Any], final: dict[str, float]) -> None:
+        self.writer.add_hparams(hparams, final, run_name=".")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 class Metrics:
-    """A SummaryWriter on the main rank; a silent no-op elsewhere."""
+    """Fans every figure out to `sinks` (TensorBoard under `log_dir` when none are given); a silent no-op
+    when not `enabled` (every rank but the main one)."""
 
-    def __init__(self, log_dir: Path, enabled: bool) -> None:
-        self.writer = None
+    def __init__(self, log_dir: Path | None, enabled: bool, sinks: Sequence[Sink] | None = None) -> None:
+        self.sinks: list[Sink] = []
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(log_dir))
+            self.sinks = list(sinks) if sinks is not None else [TensorBoardSink(log_dir)] if log_dir else []
         self.window_start = time.perf_counter()
         self.data_wait = 0.0
         self.samples = 0
@@ -40,30 +77,43 @@ class Metrics:
                    "perf/data_wait_share": self.data_wait / elapsed, "perf/steps_per_s": self.steps / elapsed}
         if torch.cuda.is_available():
             figures["perf/max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        if self.writer is not None:
-            for key, value in figures.items():
-                self.writer.add_scalar(key, value, step)
+        for sink in self.sinks:
+            sink.scalars(figures, step)
         self.window_start, self.data_wait, self.samples, self.steps = time.perf_counter(), 0.0, 0, 0
         return figures
 
     def scalar(self, key: str, value: float, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_scalar(key, value, step)
+        for sink in self.sinks:
+            sink.scalars({key: value}, step)
 
     def image(self, key: str, image: np.ndarray, step: int) -> None:
         """`image` is HxWx3 uint8."""
-        if self.writer is not None:
-            self.writer.add_image(key, image, step, dataformats="HWC")
+        for sink in self.sinks:
+            sink.image(key, image, step)
 
     def text(self, key: str, value: str, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_text(key, value, step)
+        for sink in self.sinks:
+            sink.text(key, value, step)
 
     def hparams(self, hparams: dict[str, Any], final: dict[str, float]) -> None:
-        if self.writer is not None:
-            clean = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in hparams.items()}
-            self.writer.add_hparams(clean, final, run_name=".")
+        clean = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in hparams.items()}
+        for sink in self.sinks:
+            sink.hparams(clean, final)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for sink in self.sinks:
+            sink.close()
+
+
+def open_metrics(config: Any, output: Path, enabled: bool) -> Metrics:
+    """The run's Metrics: one sink per `train.report_to` entry, on the main rank (`enabled`) only."""
+    if not enabled:
+        return Metrics(None, False)
+    sinks: list[Sink] = []
+    if "tensorboard" in config.train.report_to:
+        sinks.append(TensorBoardSink(output / "tensorboard"))
+    if "wandb" in config.train.report_to:
+        from .wandb_sink import WandbSink
+
+        sinks.append(WandbSink(config, output))
+    return Metrics(None, True, sinks)

@@ -34,7 +34,7 @@ from .distributed import build_engine, deepspeed_config, init_distributed, lost_
 from .ema import build_ema
 from .families import adapter_for
 from .loss_curve import write_loss_curve
-from .metrics import Metrics
+from .metrics import open_metrics
 from .mixing import SourceCounter, build_schedule, check_resume_weights, source_report
 from .sampler import MicroBatchSampler, SamplerState
 from .step import StepSetup, build_objective, forward_loss, source_loss_weights
@@ -104,7 +104,7 @@ class Trainer:
         self.sharded = zero_stage(self.ds_config) == 3  # ZeRO-3: every rank holds a slice of every weight
         self.ema = build_ema(self.engine.module, t.ema, sharded=self.sharded, is_main=self.dist.is_main)
         self.output = Path(t.output_dir)
-        self.metrics = Metrics(self.output / "tensorboard", self.dist.is_main)
+        self.metrics = open_metrics(config, self.output, self.dist.is_main)
         self.output.mkdir(parents=True, exist_ok=True)
 
         # Resume: engine, RNGs, step, the global sample order and the EMA, restored into one TrainState.
