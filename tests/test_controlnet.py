@@ -61,7 +61,9 @@ def test_controlnet_cache_train_export_infer(family, kind, extra, tmp_path):
     grid = np.asarray(Image.open(tmp_path / "run" / "validation" / "step-00000002.png"))
     from latentforge.train.grid_labels import CAPTION_H
 
-    assert grid.shape[0] == CAPTION_H + 2 * 128  # the control image above each output, under the prompt labels
+    # Rows: base (the UNet alone, outputs only), then current and ema (demo.yaml's EMA is on), each with the
+    # control image above each output; every row under its prompt labels.
+    assert grid.shape[0] == (CAPTION_H + 128) + 2 * (CAPTION_H + 2 * 128)
     summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
     assert summary["trainable_parameters"] == sum(getattr(p, "ds_numel", p.numel())
                                                   for p in trainer.engine.module.controlnet.parameters())

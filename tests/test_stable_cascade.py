@@ -84,7 +84,8 @@ def test_stable_cascade_cache_train_export_infer(tiny_cascade, demo_data, tmp_pa
 
     from latentforge.train.grid_labels import CAPTION_H, NAME_W
 
-    assert Image.open(png).size == (NAME_W + 256 * 2, CAPTION_H + 256)  # two prompts side by side, labelled
+    # Two prompts side by side, labelled; rows base, current and ema (demo.yaml's EMA is on).
+    assert Image.open(png).size == (NAME_W + 256 * 2, 3 * (CAPTION_H + 256))
     # backup_every=1 keeps step 1 beside the keep_last=1 rotation.
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")) == ["step-00000001", "step-00000002"]
 

@@ -83,8 +83,11 @@ def test_offline_run_logs_the_losses_continues_on_resume_and_holds_no_key(unet_o
     out = tmp_path / "run"
     common = ("train.report_to=[tensorboard,wandb]", "train.wandb.project=lf-test", "train.checkpoint_every=2",
               "train.wandb.tags=[tiny]")
-    run_in_process(train_args(unet_only_model, small_cache, out, "train.max_steps=2", *common))
-    run_in_process(train_args(unet_only_model, small_cache, out, "train.max_steps=4", "train.resume=latest", *common))
+    import wandb
+
+    for extra in (("train.max_steps=2",), ("train.max_steps=4", "train.resume=latest")):
+        run_in_process(train_args(unet_only_model, small_cache, out, *extra, *common))
+        wandb.teardown()  # as a process exit would: the service flushes the run file and stops
 
     rid = json.loads((out / "wandb_run.json").read_text())["id"]
     files = sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))

@@ -54,8 +54,13 @@ def test_zero3_ema_validation_resume_and_export(unet_only_model, small_cache, ti
     assert sorted(held_out_losses(base)) == [2, 4]
     from latentforge.train.grid_labels import CAPTION_H, NAME_W
 
-    labelled = (CAPTION_H + 256, NAME_W + 512, 3)  # two 256x256 panels under prompt labels, the row name left
+    # Rows base, current and ema, each two 256x256 panels under prompt labels, the row name left.
+    labelled = (3 * (CAPTION_H + 256), NAME_W + 512, 3)
     assert grid(base, 2).shape == labelled and grid(base, 4).shape == labelled
+    # The sharded EMA swapped in renders other pixels than the weights (decay 0.99), and the base row stays.
+    row = CAPTION_H + 256
+    assert not np.array_equal(grid(base, 4)[row + CAPTION_H:2 * row], grid(base, 4)[2 * row + CAPTION_H:])
+    assert np.array_equal(grid(base, 2)[:row], grid(base, 4)[:row])
 
     # The EMA is whole in the checkpoint: every trainable parameter at its full shape.
     from diffusers import UNet2DConditionModel

@@ -39,7 +39,7 @@ from .mixing import SourceCounter, build_schedule, check_resume_weights, source_
 from .sampler import MicroBatchSampler, SamplerState
 from .step import StepSetup, build_objective, forward_loss, source_loss_weights
 from .universal import prepare_resume, zero_stage
-from .validation import VALIDATION_SEED, ValidationData, validate
+from .validation import VALIDATION_SEED, ValidationData, base_row, validate
 
 log = logging.getLogger("latentforge.train")
 
@@ -114,6 +114,8 @@ class Trainer:
             snapshot={"cache_fingerprint": self.cache.spec.fingerprint, "config": config_to_dict(config),
                       "cache_conditioning": self.cache.spec.conditioning})
         self.history: list[float] = []  # mean loss of every optimizer step this process ran
+        self.base_row: np.ndarray | None = None  # the validation grid's base row (`validation.base_row`)
+        self._base_checked = False
         if ckpt is not None:
             check_resume_weights(read_trainer_state(ckpt)["config"]["data"]["sources"], config.data.sources)
             load_checkpoint(self.train_state, ckpt, engine_path=universal)
@@ -174,6 +176,8 @@ class Trainer:
                                 copies, control=t.controlnet.enabled, item_sources=self.samples.item_sources)
         sampler = MicroBatchSampler(self.schedule, self.state, self.dist.rank, self.dist.world, t.micro_batch_size)
         batches = iter(build_loader(dataset, sampler, self.config))
+        if t.validation_every:  # before any training: at step 0 this renders the base model's row
+            self._check_base_row()
         bar = _progress(self.dist.is_main, self.step, t.max_steps)
         started = time.perf_counter()
         last: dict[str, float] = {}
@@ -239,9 +243,17 @@ class Trainer:
         return save_checkpoint(self.train_state, t.output_dir, t.keep_last, t.backup_every)
 
     def validate(self) -> None:
-        """Held-out loss and (main rank) the image grid, from the weights as they are now."""
+        """Held-out loss and (main rank) the image grid: the base row, the weights as they are now, the EMA's."""
+        self._check_base_row()
         validate(self.engine.module, self.setup, self.validation, self.metrics, self.step, is_main=self.dist.is_main,
-                 sharded=self.sharded)
+                 sharded=self.sharded, base=self.base_row, ema=self.ema)
+
+    def _check_base_row(self) -> None:
+        """Read or render the grid's base row, once per process (collective under ZeRO-3)."""
+        if not self._base_checked:
+            self.base_row = base_row(self.engine.module, self.setup, self.validation, self.step,
+                                     is_main=self.dist.is_main, sharded=self.sharded)
+            self._base_checked = True
 
 
 def _mean_over_ranks(value: float, device: torch.device) -> float:
