@@ -125,3 +125,51 @@ def test_a_key_in_the_config_or_a_missing_wandb_is_one_line(unet_only_model, sma
     with pytest.raises(ConfigError, match=r"^config error: train\.report_to: wandb is not installed") as err:
         open_metrics(config, tmp_path, True)
     assert "\n" not in str(err.value)
+
+
+def test_metrics_send_the_same_figures_to_tensorboard_and_wandb(tmp_path, offline_wandb):
+    import numpy as np
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from latentforge.shared.config import load_config
+    from latentforge.train.metrics import open_metrics
+
+    wandb_dir, _ = offline_wandb
+    config = load_config(Path("configs/demo.yaml"), [
+        "train.report_to=[tensorboard, wandb]", f"train.output_dir={tmp_path / 'out'}",
+        "cache.path=https://host/cache?X-Amz-Signature=sigmarker18b"])  # a presigned URL: redacted for wandb
+    metrics = open_metrics(config, tmp_path / "out", True)
+    grid = np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8)
+    metrics.flush_window(1, {"train/loss": 0.5})
+    metrics.scalar("eval/fid", 12.5, 2)
+    metrics.image("val/images", grid, 2)
+    metrics.text("val/prompts", "a <cat> | a dog", 2)
+    metrics.hparams({"lr": 1e-4, "family": "sdxl"}, {"final/loss": 0.25})
+    metrics.close()
+    import wandb
+
+    wandb.teardown()
+
+    tb = EventAccumulator(str(tmp_path / "out" / "tensorboard"))
+    tb.Reload()
+    assert [e.value for e in tb.Scalars("train/loss")] == [0.5] and [e.step for e in tb.Scalars("eval/fid")] == [2]
+    assert tb.Tags()["images"] == ["val/images"]
+    (path,) = wandb_dir.glob("wandb/offline-run-*/run-*.wandb")
+    _, rows = history(path)
+    assert [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r] == [(1, 0.5)]
+    assert [(r["step"], r["eval/fid"]) for r in rows if "eval/fid" in r] == [(2, 12.5)]
+    image = next(r for r in rows if "val/images/path" in r)
+    assert (image["step"], image["val/images/width"], image["val/images/height"]) == (2, 48, 32)
+    assert any("val/prompts/path" in r for r in rows)
+    assert all("perf/samples_per_s" in r for r in rows if "train/loss" in r)  # the whole window, as in TensorBoard
+    config_items, summary = {}, {}
+    for r in records(path):
+        kind = r.WhichOneof("record_type")
+        if kind in ("run", "config"):
+            items = r.run.config.update if kind == "run" else r.config.update
+            config_items.update({i.key: json.loads(i.value_json) for i in items})
+        elif kind == "summary":
+            summary.update({i.key: json.loads(i.value_json) for i in r.summary.update})
+    assert config_items["train"]["report_to"] == ["tensorboard", "wandb"]
+    assert config_items["hparams"]["family"] == "sdxl" and summary["final/loss"] == 0.25
+    assert "sigmarker18b" not in path.read_bytes().decode("latin-1")  # the redacted snapshot, not the config
