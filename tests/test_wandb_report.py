@@ -109,7 +109,7 @@ def test_offline_run_logs_the_losses_continues_on_resume_and_holds_no_key(unet_o
                 assert MARKER.encode() not in path.read_bytes(), path
 
 
-def test_a_key_in_the_config_or_a_missing_wandb_is_one_line(unet_only_model, small_cache, tmp_path, monkeypatch):
+def test_a_key_in_the_config_or_a_missing_wandb_is_one_line(tmp_path, monkeypatch):
     import sys
 
     from latentforge.shared.config import ConfigError, load_config
@@ -121,6 +121,19 @@ def test_a_key_in_the_config_or_a_missing_wandb_is_one_line(unet_only_model, sma
         load_config(Path("configs/demo.yaml"), [f"train.wandb.entity={MARKER}"])
     assert MARKER not in str(err.value)
     config = load_config(Path("configs/demo.yaml"), ["train.report_to=[wandb]", f"train.output_dir={tmp_path}"])
+    # Online without a key (no WANDB_API_KEY, an empty home without .netrc): wandb.init refuses, in one line.
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    for name, value in (("HOME", tmp_path), ("WANDB_MODE", "online"), ("WANDB_SILENT", "true"),
+                        ("WANDB_CONFIG_DIR", tmp_path / "c"), ("WANDB_CACHE_DIR", tmp_path / "cc"),
+                        ("WANDB_DATA_DIR", tmp_path / "d"), ("WANDB_DIR", tmp_path / "w")):
+        monkeypatch.setenv(name, str(value))
+    import wandb
+
+    try:
+        with pytest.raises(ConfigError, match=r"^config error: train\.report_to: wandb could not start \(No API key"):
+            open_metrics(config, tmp_path, True)
+    finally:
+        wandb.teardown()
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb fails
     with pytest.raises(ConfigError, match=r"^config error: train\.report_to: wandb is not installed") as err:
         open_metrics(config, tmp_path, True)
