@@ -14,7 +14,7 @@ from latentforge.train.ema import Ema
 from latentforge.train.grid_labels import CAPTION_H, NAME_W
 from latentforge.train.grid_rows import ema_weights
 
-VALIDATE = ("train.validation_every=2", "train.held_out_fraction=0.2", "train.validation_inference_steps=2",
+VALIDATE = ("train.validation_every=2", "train.validation_inference_steps=1",
             "train.checkpoint_every=2")
 PANEL = 256  # the square bucket of the small cache
 ROW = CAPTION_H + PANEL
