@@ -1,0 +1,235 @@
+"""Run evaluation offline: each metric against its library's own function on the same inputs (tiny backbones
+built here), the one-line missing-weights error, and a tiny run with `train.eval_every` plus `latentforge
+evaluate` on its output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from latentforge.train.evaluation import backbones as bb
+from latentforge.train.evaluation import scores
+from latentforge.train.evaluation.weights import MissingWeightsError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo.yaml"
+DEVICE = torch.device("cpu")
+
+
+class TinyInception(torch.nn.Module):
+    """Stands in for torch-fidelity's InceptionV3: uint8 images of any size -> (pool features, logits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
+        self.head = torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.nn.functional.interpolate(x.float() / 255, size=(24, 24), mode="bilinear")
+        pool = self.conv(x).relu().mean((2, 3))
+        return pool, self.head(pool)
+
+
+class Pick(torch.nn.Module):
+    """One output of the tiny Inception, as a torchmetrics feature extractor."""
+
+    def __init__(self, net: torch.nn.Module, index: int, num_features: int) -> None:
+        super().__init__()
+        self.net, self.index, self.num_features = net, index, num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[self.index].double()
+
+
+def images(n: int, seed: int, size: int = 32) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return list(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def tiny_backbones(tmp_path_factory) -> dict[str, str]:
+    """A tiny CLIP folder, a tiny open_clip config with an HPS-style checkpoint, a random SqueezeNet file."""
+    import open_clip
+    import torchvision
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from latentforge.devkit.clip_tokenizer import make_clip_tokenizer
+
+    root = tmp_path_factory.mktemp("eval-backbones")
+    tok = make_clip_tokenizer()
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 37,
+                                  "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 77},
+                     vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+                                    "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+                     projection_dim=16)
+    CLIPModel(cfg).save_pretrained(root / "clip")
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}), tokenizer=tok)
+    processor.save_pretrained(root / "clip")
+    hps_cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16,
+                                               "patch_size": 8},
+               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+    (root / "tiny-hps-vit.json").write_text(json.dumps(hps_cfg))
+    open_clip.add_model_config(root / "tiny-hps-vit.json")
+    torch.save({"state_dict": open_clip.create_model("tiny-hps-vit", pretrained=None).state_dict()}, root / "hps.pt")
+    torch.save(torchvision.models.squeezenet1_1(weights=None).state_dict(), root / "squeezenet1_1-b8a52dc0.pth")
+    return {"clip": str(root / "clip"), "hps_model": str(root / "tiny-hps-vit.json"), "hps": str(root / "hps.pt"),
+            "lpips": str(root / "squeezenet1_1-b8a52dc0.pth"), "root": str(root)}
+
+
+def test_fid_kid_is_equal_torchmetrics_fed_the_images_and_fid_equals_a_hand_computation():
+    from scipy import linalg
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.inception import InceptionScore
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    net = TinyInception()
+    real, fake = images(12, 0), images(10, 1, size=40)
+    ref_pool, _ = scores.inception_features(real, net, 5, DEVICE)
+    pool, logits = scores.inception_features(fake, net, 4, DEVICE)
+
+    lib = FrechetInceptionDistance(feature=Pick(net, 0, 8))
+    lib.update(scores.to_tensor(real), real=True)
+    lib.update(scores.to_tensor(fake), real=False)
+    assert scores.fid(ref_pool, pool) == pytest.approx(float(lib.compute()), rel=1e-6)
+    mu1, mu2 = ref_pool.mean(0).numpy(), pool.mean(0).numpy()
+    s1, s2 = np.cov(ref_pool.numpy(), rowvar=False), np.cov(pool.numpy(), rowvar=False)
+    hand = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert scores.fid(ref_pool, pool) == pytest.approx(hand, rel=1e-4)
+
+    lib_kid = KernelInceptionDistance(feature=Pick(net, 0, 8), subsets=100, subset_size=10)
+    lib_kid.update(scores.to_tensor(real), real=True)
+    lib_kid.update(scores.to_tensor(fake), real=False)
+    torch.manual_seed(scores.METRIC_SEED)
+    np.testing.assert_allclose(scores.kid(ref_pool, pool), [float(v) for v in lib_kid.compute()], rtol=1e-6)
+
+    lib_is = InceptionScore(feature=Pick(net, 1, 5), splits=10)
+    lib_is.update(scores.to_tensor(fake))
+    state = torch.get_rng_state()
+    ours = scores.inception_score(logits)
+    assert torch.equal(torch.get_rng_state(), state)  # the training RNG is left as it was
+    torch.manual_seed(scores.METRIC_SEED)
+    np.testing.assert_allclose(ours, [float(v) for v in lib_is.compute()], rtol=1e-6)
+
+
+def test_clip_score_equals_torchmetrics_functional(tiny_backbones):
+    from torchmetrics.functional.multimodal import clip_score
+
+    model, processor = bb.clip(tiny_backbones["clip"])
+    imgs, texts = images(3, 2), ["a red car", "a dog on grass", "a photo of a cat"]
+    ours = scores.clip_score(imgs, texts, (model, processor), 2, DEVICE)
+    lib = clip_score(scores.to_tensor(imgs), texts, lambda: (model, processor))
+    assert ours == pytest.approx(float(lib), rel=1e-5)
+    with torch.no_grad():  # by hand: 100 * max(cos, 0) of CLIP's projected embeddings, averaged
+        pixels = processor(images=list(scores.to_tensor(imgs)), return_tensors="pt")["pixel_values"]
+        tokens = processor(text=texts, return_tensors="pt", padding=True)
+        img = model.model.get_image_features(pixel_values=pixels).pooler_output
+        txt = model.model.get_text_features(**tokens).pooler_output
+    hand = 100 * torch.nn.functional.cosine_similarity(img, txt).clamp(min=0).mean()
+    assert ours == pytest.approx(float(hand), rel=1e-4, abs=1e-4)
+
+
+def test_hps_is_100_times_the_cosine_of_the_open_clip_features(tiny_backbones):
+    from PIL import Image
+
+    hps = bb.hps(tiny_backbones["hps_model"], tiny_backbones["hps"])
+    imgs, texts = images(3, 3, size=48), ["a red car", "a dog", "a cat"]
+    with torch.no_grad():
+        x = torch.stack([hps.preprocess(Image.fromarray(a)) for a in imgs])
+        img = torch.nn.functional.normalize(hps.model.encode_image(x), dim=-1)
+        txt = torch.nn.functional.normalize(hps.model.encode_text(hps.tokenizer(texts)), dim=-1)
+    hand = 100 * float((img * txt).sum(-1).mean())
+    assert scores.hps_score(imgs, texts, hps, 2, DEVICE) == pytest.approx(hand, rel=1e-5)
+
+
+def test_lpips_diversity_equals_torchmetrics_lpips_on_the_same_pairs(tiny_backbones, monkeypatch):
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    net = bb.lpips_net("squeeze", tiny_backbones["lpips"])
+    groups = [images(3, 4), images(2, 5)]
+    ours = scores.lpips_diversity(groups, net, DEVICE)
+    # torchmetrics finds the same backbone file in the torch hub cache, so both nets hold the same weights.
+    hub = Path(tiny_backbones["root"]) / "hub"
+    (hub / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (hub / "checkpoints" / Path(tiny_backbones["lpips"]).name).write_bytes(Path(tiny_backbones["lpips"]).read_bytes())
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(hub))
+    try:
+        lib = LearnedPerceptualImagePatchSimilarity(net_type="squeeze")
+    finally:
+        torch.hub.set_dir(old)
+    per_group = []
+    for g in groups:
+        x = scores.to_tensor(g).float() / 127.5 - 1
+        pairs = [(i, j) for i in range(len(g)) for j in range(i + 1, len(g))]
+        per_group.append(np.mean([float(lib(x[i:i + 1], x[j:j + 1])) for i, j in pairs]))
+    assert ours == pytest.approx(float(np.mean(per_group)), rel=1e-5)
+    assert scores.lpips_diversity([images(1, 6)], net, DEVICE) is None
+
+
+def test_missing_weights_offline_is_one_line_naming_the_key_and_the_source(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "empty-hub"))
+    try:
+        cases = [(lambda: bb.inception.__wrapped__(None), "train.eval.inception_weights", "torch-fidelity/releases"),
+                 (lambda: bb.hps.__wrapped__("ViT-H-14", None), "train.eval.hps_checkpoint", "xswu/HPSv2"),
+                 (lambda: bb.clip.__wrapped__("openai/clip-vit-large-patch14"), "train.eval.clip_model",
+                  "openai/clip-vit-large-patch14"),
+                 (lambda: bb.lpips_net.__wrapped__("alex", None), "train.eval.lpips_weights", "alexnet-owt"),
+                 (lambda: bb.inception.__wrapped__(str(tmp_path / "nope.pth")), "train.eval.inception_weights", "nope")]
+        for load, key, source in cases:
+            with pytest.raises(MissingWeightsError) as err:
+                load()
+            text = str(err.value)
+            assert "\n" not in text and key in text and source in text, text
+    finally:
+        torch.hub.set_dir(old)
+
+
+def test_eval_every_writes_step_files_and_evaluate_command_rescores_the_run(unet_only_model, small_cache, tiny_backbones,
+                                                                            tmp_path, monkeypatch, capsys):
+    from latentforge.app.cli import main as cli_main
+    from latentforge.shared.config import load_config
+    from latentforge.train.trainer import Trainer
+
+    monkeypatch.setattr(bb, "inception", lambda local: TinyInception())  # torch-fidelity's net is 100 MB
+    out = tmp_path / "run"
+    settings = [f"train.eval.clip_model={tiny_backbones['clip']}", f"train.eval.hps_model={tiny_backbones['hps_model']}",
+                f"train.eval.hps_checkpoint={tiny_backbones['hps']}", "train.eval.lpips_net=squeeze",
+                f"train.eval.lpips_weights={tiny_backbones['lpips']}", "train.eval.num_images=4",
+                "train.eval.seeds_per_prompt=2", "train.eval.steps=2", "train.eval.batch_size=4"]
+    args = [f"model.pretrained={unet_only_model}", f"cache.path={small_cache}", f"train.output_dir={out}",
+            "train.num_workers=0", "train.validation_every=0", "train.held_out_fraction=0.3", "train.micro_batch_size=2",
+            "train.max_steps=2", "train.eval_every=1", "train.checkpoint_every=2",
+            "deepspeed={zero_optimization: {stage: 0}, bf16: {enabled: false}}", *settings]  # fp32, as evaluate loads
+    trainer = Trainer(load_config(DEMO, args))
+    trainer.train()
+    for step in (1, 2):
+        doc = json.loads((out / "eval" / f"{step}.json").read_text())
+        assert doc["step"] == step and not doc["skipped"], doc["skipped"]
+        assert set(doc["metrics"]) == {"fid", "kid", "kid_std", "is", "is_std", "clip_score", "lpips_diversity", "hps"}
+        assert doc["images"]["held_out_generated"] == doc["images"]["reference"] == 4
+        assert all(np.isfinite(v) for v in doc["metrics"].values())
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["eval"]["metrics"] == json.loads((out / "eval" / "2.json").read_text())["metrics"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(out / "tensorboard")).Reload().Tags()["scalars"]
+    assert {"eval/fid", "eval/clip_score", "eval/hps", "eval/lpips_diversity"} <= set(tags)
+
+    # The command on the finished run: the same images (same seeds, same weights) give the same figures.
+    assert cli_main(["evaluate", str(out)]) == 0
+    again = json.loads((out / "eval" / "2.json").read_text())
+    np.testing.assert_allclose(list(again["metrics"].values()), list(summary["eval"]["metrics"].values()), rtol=1e-4)
+    assert "evaluate: step 2: fid" in capsys.readouterr().out
+    # No held-out split: FID and KID say why instead of a number.
+    assert cli_main(["evaluate", str(out), "train.held_out_fraction=0", "train.eval.metrics=[fid, clip]"]) == 0
+    doc = json.loads((out / "eval" / "2.json").read_text())
+    assert "held_out_fraction" in doc["skipped"]["fid"] and "clip_score" in doc["metrics"]
