@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from latentforge.devkit.tiny_eval import TinyInception, eval_overrides, write_tiny_backbones
 from latentforge.train.evaluation import backbones as bb
 from latentforge.train.evaluation import scores
 from latentforge.train.evaluation.weights import MissingWeightsError
@@ -18,21 +19,6 @@ from latentforge.train.evaluation.weights import MissingWeightsError
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
 DEVICE = torch.device("cpu")
-
-
-class TinyInception(torch.nn.Module):
-    """Stands in for torch-fidelity's InceptionV3: uint8 images of any size -> (pool features, logits)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
-        self.head = torch.nn.Linear(8, 5)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.nn.functional.interpolate(x.float() / 255, size=(24, 24), mode="bilinear")
-        pool = self.conv(x).relu().mean((2, 3))
-        return pool, self.head(pool)
 
 
 class Pick(torch.nn.Module):
@@ -54,33 +40,8 @@ def images(n: int, seed: int, size: int = 32) -> list[np.ndarray]:
 @pytest.fixture(scope="module")
 def tiny_backbones(tmp_path_factory) -> dict[str, str]:
     """A tiny CLIP folder, a tiny open_clip config with an HPS-style checkpoint, a random SqueezeNet file."""
-    import open_clip
-    import torchvision
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from latentforge.devkit.clip_tokenizer import make_clip_tokenizer
-
     root = tmp_path_factory.mktemp("eval-backbones")
-    tok = make_clip_tokenizer()
-    torch.manual_seed(0)
-    cfg = CLIPConfig(text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 37,
-                                  "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 77},
-                     vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
-                                    "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
-                     projection_dim=16)
-    CLIPModel(cfg).save_pretrained(root / "clip")
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                 crop_size={"height": 32, "width": 32}), tokenizer=tok)
-    processor.save_pretrained(root / "clip")
-    hps_cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16,
-                                               "patch_size": 8},
-               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
-    (root / "tiny-hps-vit.json").write_text(json.dumps(hps_cfg))
-    open_clip.add_model_config(root / "tiny-hps-vit.json")
-    torch.save({"state_dict": open_clip.create_model("tiny-hps-vit", pretrained=None).state_dict()}, root / "hps.pt")
-    torch.save(torchvision.models.squeezenet1_1(weights=None).state_dict(), root / "squeezenet1_1-b8a52dc0.pth")
-    return {"clip": str(root / "clip"), "hps_model": str(root / "tiny-hps-vit.json"), "hps": str(root / "hps.pt"),
-            "lpips": str(root / "squeezenet1_1-b8a52dc0.pth"), "root": str(root)}
+    return {**write_tiny_backbones(root), "root": str(root)}
 
 
 def test_fid_kid_is_equal_torchmetrics_fed_the_images_and_fid_equals_a_hand_computation():
@@ -193,43 +154,81 @@ def test_missing_weights_offline_is_one_line_naming_the_key_and_the_source(monke
         torch.hub.set_dir(old)
 
 
-def test_eval_every_writes_step_files_and_evaluate_command_rescores_the_run(unet_only_model, small_cache, tiny_backbones,
-                                                                            tmp_path, monkeypatch, capsys):
-    from latentforge.app.cli import main as cli_main
+@pytest.fixture(scope="module")
+def eval_run(unet_only_model, small_cache, tiny_backbones, tmp_path_factory) -> Path:
+    """A 2-step tiny SDXL run (fp32, as `evaluate` loads checkpoints) evaluated at every step."""
     from latentforge.shared.config import load_config
     from latentforge.train.trainer import Trainer
 
-    monkeypatch.setattr(bb, "inception", lambda local: TinyInception())  # torch-fidelity's net is 100 MB
-    out = tmp_path / "run"
-    settings = [f"train.eval.clip_model={tiny_backbones['clip']}", f"train.eval.hps_model={tiny_backbones['hps_model']}",
-                f"train.eval.hps_checkpoint={tiny_backbones['hps']}", "train.eval.lpips_net=squeeze",
-                f"train.eval.lpips_weights={tiny_backbones['lpips']}", "train.eval.num_images=4",
-                "train.eval.seeds_per_prompt=2", "train.eval.steps=2", "train.eval.batch_size=4"]
+    out = tmp_path_factory.mktemp("eval-run") / "run"
+    settings = [*eval_overrides(tiny_backbones), "train.eval.num_images=3", "train.eval.seeds_per_prompt=2",
+                "train.eval.steps=1", "train.eval.batch_size=4"]
     args = [f"model.pretrained={unet_only_model}", f"cache.path={small_cache}", f"train.output_dir={out}",
             "train.num_workers=0", "train.validation_every=0", "train.held_out_fraction=0.3", "train.micro_batch_size=2",
             "train.max_steps=2", "train.eval_every=1", "train.checkpoint_every=2",
-            "deepspeed={zero_optimization: {stage: 0}, bf16: {enabled: false}}", *settings]  # fp32, as evaluate loads
-    trainer = Trainer(load_config(DEMO, args))
-    trainer.train()
-    for step in (1, 2):
-        doc = json.loads((out / "eval" / f"{step}.json").read_text())
-        assert doc["step"] == step and not doc["skipped"], doc["skipped"]
-        assert set(doc["metrics"]) == {"fid", "kid", "kid_std", "is", "is_std", "clip_score", "lpips_diversity", "hps"}
-        assert doc["images"]["held_out_generated"] == doc["images"]["reference"] == 4
-        assert all(np.isfinite(v) for v in doc["metrics"].values())
-    summary = json.loads((out / "run_summary.json").read_text())
-    assert summary["eval"]["metrics"] == json.loads((out / "eval" / "2.json").read_text())["metrics"]
+            "deepspeed={zero_optimization: {stage: 0}, bf16: {enabled: false}}", *settings]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bb, "inception", lambda local: TinyInception())  # torch-fidelity's net is 100 MB
+        Trainer(load_config(DEMO, args)).train()
+    return out
+
+
+def test_eval_every_writes_a_file_per_step_tensorboard_scalars_and_the_run_summary(eval_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tags = EventAccumulator(str(out / "tensorboard")).Reload().Tags()["scalars"]
-    assert {"eval/fid", "eval/clip_score", "eval/hps", "eval/lpips_diversity"} <= set(tags)
+    for step in (1, 2):
+        doc = json.loads((eval_run / "eval" / f"{step}.json").read_text())
+        assert doc["step"] == step and not doc["skipped"], doc["skipped"]
+        assert set(doc["metrics"]) == {"fid", "kid", "kid_std", "is", "is_std", "clip_score", "lpips_diversity", "hps"}
+        assert doc["images"] == {"held_out_generated": 3, "reference": 3, "prompt_images": 4}
+        assert all(np.isfinite(v) for v in doc["metrics"].values())
+    summary = json.loads((eval_run / "run_summary.json").read_text())
+    assert summary["eval"]["metrics"] == json.loads((eval_run / "eval" / "2.json").read_text())["metrics"]
+    tags = EventAccumulator(str(eval_run / "tensorboard")).Reload().Tags()["scalars"]
+    assert {"eval/fid", "eval/kid", "eval/is", "eval/clip_score", "eval/hps", "eval/lpips_diversity"} <= set(tags)
 
-    # The command on the finished run: the same images (same seeds, same weights) give the same figures.
-    assert cli_main(["evaluate", str(out)]) == 0
-    again = json.loads((out / "eval" / "2.json").read_text())
-    np.testing.assert_allclose(list(again["metrics"].values()), list(summary["eval"]["metrics"].values()), rtol=1e-4)
+
+def test_evaluate_command_reproduces_the_run_figures_and_says_what_it_skips(eval_run, monkeypatch, capsys, tmp_path):
+    import shutil
+
+    from latentforge.app.cli import main as cli_main
+
+    monkeypatch.setattr(bb, "inception", lambda local: TinyInception())
+    during = json.loads((eval_run / "eval" / "2.json").read_text())["metrics"]
+    eval_run = Path(shutil.copytree(eval_run, tmp_path / "run"))  # the fixture's files stay as training left them
+    # The same images (same seeds, same weights) give the same figures.
+    assert cli_main(["evaluate", str(eval_run)]) == 0
+    again = json.loads((eval_run / "eval" / "2.json").read_text())
+    np.testing.assert_allclose([again["metrics"][k] for k in during], list(during.values()), rtol=1e-4, atol=1e-9)
+    assert json.loads((eval_run / "run_summary.json").read_text())["eval"]["metrics"] == again["metrics"]
     assert "evaluate: step 2: fid" in capsys.readouterr().out
     # No held-out split: FID and KID say why instead of a number.
-    assert cli_main(["evaluate", str(out), "train.held_out_fraction=0", "train.eval.metrics=[fid, clip]"]) == 0
-    doc = json.loads((out / "eval" / "2.json").read_text())
-    assert "held_out_fraction" in doc["skipped"]["fid"] and "clip_score" in doc["metrics"]
+    assert cli_main(["evaluate", str(eval_run), "train.held_out_fraction=0", "train.eval.metrics=[fid, clip]"]) == 0
+    doc = json.loads((eval_run / "eval" / "2.json").read_text())
+    assert "held_out_fraction" in doc["skipped"]["fid"] and set(doc["metrics"]) == {"clip_score"}
+    assert "fid skipped" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_two_process_evaluate_splits_generation_and_scores_the_same(eval_run, tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    shutil.copytree(eval_run, run)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    wanted = "train.eval.metrics=[clip, hps, lpips]"  # the backbones the run's config points at
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "latentforge.app.cli", "evaluate", str(run), wanted]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    two = json.loads((run / "eval" / "2.json").read_text())
+    assert two["world_size"] == 2 and two["images"] == {"held_out_generated": 3, "reference": 3, "prompt_images": 4}
+    one = json.loads((eval_run / "eval" / "2.json").read_text())["metrics"]
+    # 1e-3: the ranks run on one thread each (OMP_NUM_THREADS=1), so sums add up in another order.
+    np.testing.assert_allclose([two["metrics"][k] for k in ("clip_score", "hps", "lpips_diversity")],
+                               [one[k] for k in ("clip_score", "hps", "lpips_diversity")], rtol=1e-3, atol=1e-9)

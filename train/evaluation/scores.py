@@ -21,6 +21,8 @@ import torch
 from .backbones import HpsModel
 
 METRIC_SEED = 0
+# Only rank 0 scores, with every image already gathered: a metric must not wait for the other ranks' states.
+RANK0 = {"sync_on_compute": False}
 
 
 class _Given(torch.nn.Module):
@@ -64,7 +66,7 @@ def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
     """torchmetrics' FrechetInceptionDistance of two feature sets (N, D); each needs 2+ rows."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    metric = FrechetInceptionDistance(feature=_Given(real.shape[1]))
+    metric = FrechetInceptionDistance(feature=_Given(real.shape[1]), **RANK0)
     metric.update(real, real=True)
     metric.update(fake, real=False)
     return float(metric.compute())
@@ -75,7 +77,7 @@ def kid(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, subset_size:
     from torchmetrics.image.kid import KernelInceptionDistance
 
     size = min(subset_size, len(real), len(fake))
-    metric = KernelInceptionDistance(feature=_Given(real.shape[1]), subsets=subsets, subset_size=size)
+    metric = KernelInceptionDistance(feature=_Given(real.shape[1]), subsets=subsets, subset_size=size, **RANK0)
     metric.update(real, real=True)
     metric.update(fake, real=False)
     with torch.random.fork_rng(devices=[]):
@@ -88,7 +90,7 @@ def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, floa
     """torchmetrics' InceptionScore (mean, std over at most `splits` splits) of Inception logits (N, K)."""
     from torchmetrics.image.inception import InceptionScore
 
-    metric = InceptionScore(feature=_Given(logits.shape[1]), splits=max(1, min(splits, len(logits))))
+    metric = InceptionScore(feature=_Given(logits.shape[1]), splits=max(1, min(splits, len(logits))), **RANK0)
     metric.update(logits)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(METRIC_SEED)
@@ -103,7 +105,7 @@ def clip_score(images: Sequence[np.ndarray], texts: Sequence[str], clip: tuple, 
     from torchmetrics.multimodal.clip_score import CLIPScore
 
     model, processor = clip
-    metric = CLIPScore(model_name_or_path=lambda: (model.to(device), processor)).to(device)
+    metric = CLIPScore(model_name_or_path=lambda: (model.to(device), processor), **RANK0).to(device)
     for idx in _same_size_batches(images, batch_size):
         metric.update(to_tensor([images[i] for i in idx]).to(device), [texts[i] for i in idx])
     return float(metric.compute())
@@ -113,15 +115,23 @@ def clip_score(images: Sequence[np.ndarray], texts: Sequence[str], clip: tuple, 
 def lpips_diversity(groups: Sequence[Sequence[np.ndarray]], net: torch.nn.Module, device: torch.device) -> float | None:
     """Mean pairwise LPIPS distance within each group (one prompt, several seeds), averaged over groups.
 
-    None when no group has two images."""
+    Each image goes through the backbone once; every pair then takes LPIPS's own head (unit-normalised
+    features, squared difference, its linear layers, spatial mean, summed over layers), so k seeds cost k
+    backbone passes, not k(k-1)/2. None when no group has two images."""
+    import lpips
+
     per_group = []
     for group in groups:
         if len(group) < 2:
             continue
         pixels = to_tensor(group).float().div(127.5).sub(1).to(device)  # LPIPS takes [-1, 1]
-        pairs = list(itertools.combinations(range(len(group)), 2))
-        a, b = (torch.tensor(side) for side in zip(*pairs, strict=True))
-        per_group.append(float(net(pixels[a], pixels[b]).flatten().mean()))
+        feats = [[lpips.normalize_tensor(f) for f in net.net.forward(net.scaling_layer(pixels[i:i + 1]))]
+                 for i in range(len(group))]
+        pairs = itertools.combinations(range(len(group)), 2)
+        per_group.append(float(np.mean([
+            sum(float(lpips.spatial_average(lin((a - b) ** 2))) for lin, a, b in zip(net.lins, feats[i], feats[j],
+                                                                                     strict=True))
+            for i, j in pairs])))
     return float(np.mean(per_group)) if per_group else None
 
 
