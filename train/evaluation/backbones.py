@@ -57,7 +57,7 @@ def inception(local: str | None) -> torch.nn.Module:
     """torch-fidelity's InceptionV3: 2048-d pool features and the unbiased logits IS takes."""
     from torchmetrics.image.fid import NoTrainInceptionV3
 
-    path = w.local_file(w.INCEPTION, local)
+    path = w.weights_file(w.INCEPTION, local)
     return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048", "logits_unbiased"],
                               feature_extractor_weights_path=str(path))
 
@@ -107,7 +107,7 @@ def hps(arch: str, checkpoint: str | None) -> HpsModel:
             raise w.MissingWeightsError(f"train.eval.hps_model={arch}: no such open_clip model config file")
         open_clip.add_model_config(arch)
         arch = Path(arch).stem
-    path = w.hub_file(w.HPS, checkpoint)
+    path = w.weights_file(w.HPS, checkpoint)
     model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, image_resize_mode="longest",
                                                                  output_dict=True)
     state = torch.load(path, map_location="cpu", weights_only=False)
@@ -120,7 +120,7 @@ def lpips_net(net: str, local: str | None) -> torch.nn.Module:
     """LPIPS (`lpips` package, its linear heads) over torchvision's ImageNet `net` backbone read from a file."""
     import lpips
 
-    path = w.local_file(w.lpips_source(net), local)
+    path = w.weights_file(w.lpips_source(net), local)
     model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
     load_backbone(model, torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()

@@ -67,15 +67,19 @@ def offline() -> bool:
     return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def local_file(source: WeightsSource, local: str | None) -> Path:
-    """The weights file of a plain-download `source`: `local` when set, else the torch hub cache (downloaded
-    there first unless offline)."""
+def weights_file(source: WeightsSource, local: str | None) -> Path:
+    """The weights file of `source`: `local` when set, else its download cache (the torch hub cache for a
+    plain URL, the Hugging Face cache for a hub file), downloaded there first unless offline."""
     if local:
         path = Path(local).expanduser()
         if not path.is_file():
             raise MissingWeightsError(f"{source.key}={local}: no such file; point it at the {source.what} weights "
                                       f"(from {source.where()})")
         return path
+    return _hub_download(source) if source.hub_repo else _url_download(source)
+
+
+def _url_download(source: WeightsSource) -> Path:
     import torch
 
     cached = Path(torch.hub.get_dir()) / "checkpoints" / source.url.rsplit("/", 1)[-1]
@@ -91,14 +95,7 @@ def local_file(source: WeightsSource, local: str | None) -> Path:
     return cached
 
 
-def hub_file(source: WeightsSource, local: str | None) -> Path:
-    """A file of a hub repo: `local` when set, else the hub cache (downloaded there first unless offline)."""
-    if local:
-        path = Path(local).expanduser()
-        if not path.is_file():
-            raise MissingWeightsError(f"{source.key}={local}: no such file; point it at the {source.what} weights "
-                                      f"(from {source.where()})")
-        return path
+def _hub_download(source: WeightsSource) -> Path:
     from huggingface_hub import hf_hub_download
 
     try:
