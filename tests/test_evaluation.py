@@ -232,3 +232,24 @@ def test_two_process_evaluate_splits_generation_and_scores_the_same(eval_run, tm
     # 1e-3: the ranks run on one thread each (OMP_NUM_THREADS=1), so sums add up in another order.
     np.testing.assert_allclose([two["metrics"][k] for k in ("clip_score", "hps", "lpips_diversity")],
                                [one[k] for k in ("clip_score", "hps", "lpips_diversity")], rtol=1e-3, atol=1e-9)
+
+
+def test_the_real_inception_from_a_local_file_gives_the_features_of_torchmetrics_fid(tmp_path, monkeypatch):
+    """torch-fidelity's InceptionV3 with random weights written to a file (the real ones are 100 MB and
+    offline here): one pass gives the pool features torchmetrics' FID extracts, and IS's 1008 logits."""
+    from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    with monkeypatch.context() as mp:  # build the network without any weights, then save its random ones
+        mp.setattr(tf_inception, "load_state_dict_from_url", lambda *a, **k: {})
+        mp.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        torch.manual_seed(0)
+        random_net = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    weights = tmp_path / "inception.pth"
+    torch.save(random_net.state_dict(), weights)
+    fake = images(2, 8, size=48)
+    pool, logits = scores.inception_features(fake, bb.inception.__wrapped__(str(weights)), 2, DEVICE)
+    assert pool.shape == (2, 2048) and logits.shape == (2, 1008)
+    # What FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=...) extracts.
+    lib = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(weights))
+    torch.testing.assert_close(pool, lib(scores.to_tensor(fake)).double(), rtol=1e-5, atol=1e-5)

@@ -1,7 +1,6 @@
 """The metric backbones, loaded once per process from wherever `weights.py` finds them.
 
-InceptionV3 is torch-fidelity's port of the TF-slim FID network (through torchmetrics' NoTrainInceptionV3,
-so FID/KID/IS match published numbers); CLIP is a transformers CLIPModel + CLIPProcessor; HPSv2.1 is an
+InceptionV3 is torch-fidelity's port of the TF FID network as torchmetrics' FID/KID/IS run it; CLIP is a transformers CLIPModel + CLIPProcessor; HPSv2.1 is an
 open_clip ViT-H-14 holding the HPS_v2.1_compressed.pt weights (the `hpsv2` package itself pins
 protobuf<4 and cannot install beside tensorboard and wandb, so its scoring is reproduced here, see
 `scores.hps_score`); LPIPS is the `lpips` package's network with its shipped linear heads and the
@@ -54,12 +53,18 @@ def load_backbones(cfg: Any, metrics: Sequence[str]) -> Backbones:
 
 @functools.cache
 def inception(local: str | None) -> torch.nn.Module:
-    """torch-fidelity's InceptionV3: 2048-d pool features and the unbiased logits IS takes."""
+    """The InceptionV3 of torchmetrics' FID/KID/IS (torch-fidelity's network, uint8 in, antialiased resize
+    to 299 as `FrechetInceptionDistance()` does by default), giving the 2048-d pool features and the
+    unbiased logits IS takes from one pass (its own `forward` returns only the first)."""
     from torchmetrics.image.fid import NoTrainInceptionV3
 
+    class BothOutputs(NoTrainInceptionV3):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            pool, logits = self._torch_fidelity_forward(x)
+            return pool.reshape(x.shape[0], -1), logits
+
     path = w.weights_file(w.INCEPTION, local)
-    return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048", "logits_unbiased"],
-                              feature_extractor_weights_path=str(path))
+    return BothOutputs("inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(path))
 
 
 @functools.cache
