@@ -207,6 +207,10 @@ def test_evaluate_command_reproduces_the_run_figures_and_says_what_it_skips(eval
     doc = json.loads((eval_run / "eval" / "2.json").read_text())
     assert "held_out_fraction" in doc["skipped"]["fid"] and set(doc["metrics"]) == {"clip_score"}
     assert "fid skipped" in capsys.readouterr().out
+    # Missing weights: one line and exit 2, before any image is made.
+    assert cli_main(["evaluate", str(eval_run), f"train.eval.hps_checkpoint={tmp_path / 'nope.pt'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("latentforge evaluate: train.eval.hps_checkpoint=") and "\n" not in err, err
 
 
 @pytest.mark.slow

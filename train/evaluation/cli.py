@@ -26,6 +26,7 @@ from ..families import adapter_for
 from ..metrics import Metrics
 from ..step import StepSetup, build_objective
 from ..validation import ValidationData
+from .backbones import load_backbones
 from .run import run_evaluation, write_json_atomic
 
 
@@ -73,6 +74,8 @@ def evaluate_checkpoint(checkpoint: Path, overrides: list[str], *, use_ema: bool
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dist = Dist(0, 1, 0, device)
+    if dist.is_main:  # missing metric weights end the command here, before the model loads
+        load_backbones(config.train.eval, config.train.eval.metrics)
     step = int(read_trainer_state(checkpoint)["step"])
     run_dir = checkpoint.parent.parent  # OUTPUT/checkpoints/step-N
     cache = CacheReader(config.cache.path, dict(config.cache.storage_options))

@@ -35,6 +35,8 @@ def run_evaluation(model: torch.nn.Module, setup: StepSetup, data: ValidationDat
 
     `backbones` defaults to those `train.eval` names (loaded once per process)."""
     cfg = setup.config.train.eval
+    if backbones is None and rank == 0:  # missing weights: said before minutes of generation, not after
+        backbones = load_backbones(cfg, cfg.metrics)
     items = plan(data, cfg.num_images, cfg.seeds_per_prompt)
     t0 = time.perf_counter()
     images = generate(model, setup, data, items, steps=cfg.steps or setup.config.train.validation_inference_steps,
@@ -42,8 +44,7 @@ def run_evaluation(model: torch.nn.Module, setup: StepSetup, data: ValidationDat
     if images is None:
         return None
     made = time.perf_counter() - t0
-    if backbones is None:
-        backbones = load_backbones(cfg, cfg.metrics)
+    assert backbones is not None
     figures, skipped = score(images, backbones, cfg.metrics, cfg.batch_size, setup.device,
                              reference_decoder=has_reference_decoder(setup))
     result = {"step": step, "metrics": figures, "skipped": skipped,
