@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from reliability_support import soak
 
 from latentforge.devkit.tiny_eval import TinyInception, eval_overrides, write_tiny_backbones
 from latentforge.train.evaluation import backbones as bb
@@ -213,7 +214,7 @@ def test_evaluate_command_reproduces_the_run_figures_and_says_what_it_skips(eval
     assert err.startswith("latentforge evaluate: train.eval.hps_checkpoint=") and "\n" not in err, err
 
 
-@pytest.mark.slow
+@soak  # ~15-20 s of two processes on 2 cores: kept out of `make test`'s budget; `make soak` runs it
 def test_two_process_evaluate_splits_generation_and_scores_the_same(eval_run, tmp_path):
     import os
     import shutil
