@@ -49,6 +49,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return cli_entry(args)
 
 
+def _configure_evaluate(p: argparse.ArgumentParser) -> None:
+    from latentforge.train.evaluation.cli import configure
+
+    configure(p)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from latentforge.train.evaluation.cli import cli_entry
+
+    return cli_entry(args)
+
+
 def _configure_inspect(p: argparse.ArgumentParser) -> None:
     from .inspect_cache import configure
 
@@ -119,6 +131,8 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Han
               add_run_args, _cmd_train),
     "export": ("write a diffusers pipeline folder from a training checkpoint (trained or EMA weights)",
                _configure_export, _cmd_export),
+    "evaluate": ("FID, KID, IS, CLIP score, LPIPS diversity and HPSv2.1 of a checkpoint (or a run's newest) into "
+                 "RUN/eval/<step>.json", _configure_evaluate, _cmd_evaluate),
     "inspect": ("summarise a cache, draw its buckets and decoded samples as PNGs, --verify it in full",
                 _configure_inspect, _cmd_inspect),
     "compare": ("print two runs' final figures and differing hparams side by side; plot both losses, stack their grids",

@@ -150,6 +150,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config error in {p}: the top level must be a mapping of sections")
         tree = loaded or {}
+    return config_from_tree(tree, overrides, source)
+
+
+def config_from_tree(tree: dict[str, Any], overrides: list[str] | None, source: str) -> Config:
+    """Validate a config tree (e.g. a checkpoint's snapshot) after dotted `overrides`; errors as `load_config`'s."""
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
         source = f"{source} + overrides" if "overrides" not in source else source

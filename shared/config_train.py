@@ -94,6 +94,41 @@ class WandbSection(_Section):
 _API_KEY = re.compile(r"^(?:[A-Za-z0-9]+[-_])?[A-Za-z0-9]{40,}$")  # 40 hex chars, or a prefixed longer key
 
 
+EVAL_METRICS = ("fid", "kid", "is", "clip", "lpips", "hps")
+
+
+class EvalSection(_Section):
+    """Run evaluation (`train.eval_every`, `latentforge evaluate`): what is measured and where its weights are."""
+
+    metrics: list[Literal["fid", "kid", "is", "clip", "lpips", "hps"]] = Field(
+        default_factory=lambda: list(EVAL_METRICS),
+        description="fid, kid (vs the held-out split decoded by the VAE), is, clip (CLIP score), lpips (diversity "
+        "between seeds of one prompt), hps (HPSv2.1).",
+    )
+    num_images: int = Field(
+        default=100, ge=1, description="Held-out rows generated from their cached embeddings and decoded as the "
+        "reference (FID, KID, IS); fewer when the held-out split is smaller.")
+    seeds_per_prompt: int = Field(
+        default=4, ge=1, description="Images per validation prompt (CLIP score, HPSv2.1; LPIPS diversity needs 2+).")
+    steps: int | None = Field(default=None, ge=1, description="Denoising steps; default train.validation_inference_steps.")
+    guidance_scale: float | None = Field(default=None, ge=0, description="Classifier-free guidance; default the pipeline's.")
+    batch_size: int = Field(default=16, ge=1, description="Images per forward pass of a metric backbone.")
+    inception_weights: str | None = Field(
+        default=None, description="torch-fidelity's InceptionV3 weights file (weights-inception-2015-12-05-6726825d.pth); "
+        "unset: downloaded once into the torch hub cache.")
+    clip_model: str = Field(
+        default="openai/clip-vit-large-patch14", description="CLIP for CLIP score: hub id or a local folder "
+        "(transformers CLIPModel + CLIPProcessor).")
+    hps_model: str = Field(
+        default="ViT-H-14", description="open_clip architecture of HPSv2.1, or a model config .json file.")
+    hps_checkpoint: str | None = Field(
+        default=None, description="HPS_v2.1_compressed.pt; unset: downloaded from the hub repo xswu/HPSv2.")
+    lpips_net: Literal["alex", "vgg", "squeeze"] = Field(default="alex", description="LPIPS backbone.")
+    lpips_weights: str | None = Field(
+        default=None, description="The LPIPS backbone's torchvision ImageNet weights file (e.g. alexnet-owt-7be5be79.pth); "
+        "unset: downloaded once into the torch hub cache.")
+
+
 class TrainConfig(_Section):
     output_dir: str = Field(description="Checkpoints, TensorBoard logs and exports go here.")
     max_steps: int = Field(gt=0, description="Optimizer steps to train.")
@@ -160,6 +195,10 @@ class TrainConfig(_Section):
     )
     validation_every: int = Field(default=0, ge=0, description="Validation loss + image grid every N steps (0: off).")
     validation_inference_steps: int = Field(default=20, ge=1, description="Denoising steps for validation images.")
+    eval_every: int = Field(
+        default=0, ge=0, description="Run evaluation (FID, KID, IS, CLIP score, LPIPS, HPSv2.1; train.eval) every N "
+        "steps and at the last step (0: off).")
+    eval: EvalSection = Field(default_factory=EvalSection, description="Run evaluation: metrics, images, weights.")
     checkpoint_every: int = Field(default=500, ge=1, description="Save a DeepSpeed checkpoint every N steps.")
     keep_last: int = Field(default=3, ge=1, description="Checkpoints to keep.")
     backup_every: int = Field(

@@ -32,6 +32,7 @@ from .controlnet import controlnet_adapter, validation_controls
 from .data import CachedBatches, CachedSamples, build_loader
 from .distributed import build_engine, deepspeed_config, init_distributed, lost_peer
 from .ema import build_ema
+from .evaluation import check_evaluation
 from .families import adapter_for
 from .loss_curve import write_loss_curve
 from .metrics import open_metrics
@@ -54,6 +55,7 @@ class Trainer:
         check_model_paths(config)
         deepspeed_config(config, int(os.environ.get("WORLD_SIZE", "1")))
         self.dist = init_distributed()
+        check_evaluation(config, self.dist.is_main)  # missing metric weights: one line now, not mid-run
         random.seed(t.seed)
         np.random.seed(t.seed)
         torch.manual_seed(t.seed)
@@ -116,6 +118,7 @@ class Trainer:
         self.history: list[float] = []  # mean loss of every optimizer step this process ran
         self.base_row: np.ndarray | None = None  # the validation grid's base row (`validation.base_row`)
         self._base_checked = False
+        self.last_eval: dict[str, Any] | None = None  # the latest evaluation's figures (run_summary.json)
         if ckpt is not None:
             check_resume_weights(read_trainer_state(ckpt)["config"]["data"]["sources"], config.data.sources)
             load_checkpoint(self.train_state, ckpt, engine_path=universal)
@@ -209,6 +212,8 @@ class Trainer:
                     **{f"data/samples_source{i}": float(n) for i, n in enumerate(self.source_counts.counts)}})
             if t.validation_every and (self.step % t.validation_every == 0 or self.step == t.max_steps):
                 self.validate()
+            if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
+                self.evaluate()
             if (self.step % t.checkpoint_every == 0 or self.step == t.max_steps
                     or (t.backup_every and self.step % t.backup_every == 0)):
                 self.save()
@@ -233,7 +238,7 @@ class Trainer:
             # ZeRO-3 leaves each parameter's module tensor empty; `ds_numel` is its whole size.
             "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters()
                                         if p.requires_grad),
-            "config": config_to_dict(self.config),
+            "config": config_to_dict(self.config), "eval": self.last_eval,
         }
         (self.output / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
@@ -254,6 +259,14 @@ class Trainer:
             self.base_row = base_row(self.engine.module, self.setup, self.validation, self.step,
                                      is_main=self.dist.is_main, sharded=self.sharded)
             self._base_checked = True
+
+    def evaluate(self) -> None:
+        """FID, KID, IS, CLIP score, LPIPS, HPSv2.1 of the weights as they are now (collective: every rank)."""
+        from .evaluation.run import run_evaluation
+
+        self.last_eval = run_evaluation(self.engine.module, self.setup, self.validation, self.step, rank=self.dist.rank,
+                                        world=self.dist.world, sharded=self.sharded, metrics=self.metrics,
+                                        output_dir=self.output) or self.last_eval
 
 
 def _mean_over_ranks(value: float, device: torch.device) -> float:

@@ -27,14 +27,22 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     return ((pixels.clamp(-1, 1).permute(1, 2, 0).float().cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
 
 
-def vae_renderer(adapter: Any, model: torch.nn.Module, setup: Any) -> Renderer:
-    """The family pipeline (latents out) and its VAE decoder, decoding in fp32."""
+def load_vae(setup: Any) -> Any:
+    """The run's VAE (model.vae, or the pipeline's vae/ folder) on the setup's device, in fp32."""
     import diffusers
 
     cfg = setup.config.model
     vae_cls = getattr(diffusers, family_facts(cfg.family).vae_class)
     vae_source = {} if cfg.vae else {"subfolder": "vae", **cfg.pins()}  # a separate VAE: its own repo's default
-    vae = vae_cls.from_pretrained(cfg.vae or cfg.pretrained, **vae_source).to(setup.device)
+    return vae_cls.from_pretrained(cfg.vae or cfg.pretrained, **vae_source).to(setup.device)
+
+
+def vae_renderer(adapter: Any, model: torch.nn.Module, setup: Any) -> Renderer:
+    """The family pipeline (latents out) and its VAE decoder, decoding in fp32."""
+    import diffusers
+
+    cfg = setup.config.model
+    vae = load_vae(setup)
     sched_cfg = diffusers.DDPMScheduler.load_config(cfg.pretrained, subfolder="scheduler", **cfg.pins(weights=False))
     scheduler = sampling_scheduler(setup.config, dict(sched_cfg))  # EDM / zero terminal SNR: what training assumed
     pipe = adapter.validation_pipeline(model, vae, scheduler)
