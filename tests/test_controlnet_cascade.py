@@ -1,0 +1,248 @@
+"""Stable Cascade Stage C ControlNet, on CPU with the tiny cascade (devkit/tiny_cascade.py): the injection against
+the original's loop (Stability-AI/StableCascade `modules/stage_c.py`, written out here without hooks), the
+released file layout, and cache (canny) -> 2 DeepSpeed steps (prior frozen, EMA, caption dropout, held-out
+loss and grid) -> resume -> export -> `load_cascade_controlnet` gives the trained network back."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import StableCascadeUNet
+from diffusers.models.unets.unet_stable_cascade import (
+    SDCascadeAttnBlock,
+    SDCascadeResBlock,
+    SDCascadeTimestepBlock,
+)
+from test_stable_cascade import _config
+
+from latentforge.devkit.tiny_cascade import CONTROLNET_BACKBONE_NAME, TINY_CONTROLNET_BACKBONE
+from latentforge.devkit.tiny_models import build_tiny_pipeline
+from latentforge.shared.config import ConfigError
+from latentforge.train.cascade_controlnet import (
+    RELEASE_BLOCKS,
+    CascadeControlNet,
+    cascade_control_input,
+    load_cascade_controlnet,
+)
+from latentforge.train.cascade_controlnet_adapter import CascadeControlNetDenoiser, res_blocks
+from latentforge.train.control_images import MASKED
+
+
+# ---- the injection, against the original's loop ---------------------------------------------------------
+def _prior() -> StableCascadeUNet:
+    """Two levels at different sizes (switch_level), 6 ResBlocks: down 1 + 2, up 2 + 1."""
+    torch.manual_seed(0)
+    return StableCascadeUNet(in_channels=16, out_channels=16, conditioning_dim=32, block_out_channels=(32, 32),
+                             num_attention_heads=(2, 2), down_num_layers_per_block=(1, 2), up_num_layers_per_block=(2, 1),
+                             switch_level=(True,), clip_image_in_channels=8, clip_text_in_channels=16,
+                             clip_text_pooled_in_channels=16, dropout=(0.0, 0.0)).eval()
+
+
+def _original(prior: StableCascadeUNet, x, r, pooled, text, img, cnet: list) -> torch.Tensor:
+    """`StageC.forward` with `cnet` (modules/stage_c.py), on diffusers' blocks: the features are handed out one
+    per ResBlock call (ControlNetDeliverer) and added, interpolated, before the block."""
+    queue = iter(cnet + [None] * 100)
+    r_embed = prior.get_timestep_ratio_embedding(r)
+    for _ in prior.config.timestep_conditioning_type:
+        r_embed = torch.cat([r_embed, prior.get_timestep_ratio_embedding(torch.zeros_like(r))], dim=1)
+    clip = prior.get_clip_embeddings(clip_txt_pooled=pooled, clip_txt=text, clip_img=img)
+
+    def add(h):
+        c = next(queue)
+        return h if c is None else h + F.interpolate(c, size=h.shape[-2:], mode="bilinear", align_corners=True)
+
+    def run(block, h, skip=None):
+        if isinstance(block, SDCascadeResBlock):
+            return block(add(h), skip) if skip is not None else block(add(h))
+        if isinstance(block, SDCascadeAttnBlock):
+            return block(h, clip)
+        assert isinstance(block, SDCascadeTimestepBlock)
+        return block(h, r_embed)
+
+    h, levels = prior.embedding(x), []
+    for blocks, downscaler in zip(prior.down_blocks, prior.down_downscalers, strict=True):
+        h = downscaler(h)
+        for block in blocks:
+            h = run(block, h)
+        levels.insert(0, h)
+    h = levels[0]
+    for i, (blocks, upscaler) in enumerate(zip(prior.up_blocks, prior.up_upscalers, strict=True)):
+        for k, block in enumerate(blocks):
+            skip = levels[i] if k == 0 and i > 0 and isinstance(block, SDCascadeResBlock) else None
+            if skip is not None and h.shape[-2:] != skip.shape[-2:]:
+                h = F.interpolate(h.float(), skip.shape[-2:], mode="bilinear", align_corners=True)
+            h = run(block, h, skip)
+        h = upscaler(h)
+    return prior.clf(h)
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    cond = {"clip_text": torch.randn(2, 5, 16, generator=g), "clip_text_pooled": torch.randn(2, 1, 16, generator=g),
+            "controlnet_cond": torch.rand(2, 1, 64, 64, generator=g)}  # features 2x2; latents 8x8 and 4x4
+    return torch.randn(2, 16, 8, 8, generator=g), torch.rand(2, generator=g), cond
+
+
+def test_injection_adds_interpolated_features_exactly_at_the_chosen_blocks():
+    prior = _prior()
+    assert len(res_blocks(prior)) == 6
+    torch.manual_seed(2)
+    controlnet = CascadeControlNet(1, 32, [0, 2, 3, 5], TINY_CONTROLNET_BACKBONE)
+    for projection in controlnet.projections:  # nonzero outputs, so every injection shows
+        torch.nn.init.normal_(projection[-1].weight, std=0.5)
+    model = CascadeControlNetDenoiser(controlnet, prior)
+    x, r, cond = _inputs()
+    scale = 300.0  # train.controlnet.conditioning_scale; the random tiny backbone's features are ~1e-4
+    with torch.no_grad():
+        got = model(x, r, cond, scale)
+        features = [None if f is None else f * scale for f in controlnet(cond["controlnet_cond"])]
+        assert [f is None for f in features] == [False, True, False, False, True, False]
+        img = torch.zeros(2, 1, 8)
+        want = _original(prior, x, r, cond["clip_text_pooled"], cond["clip_text"], img, features)
+        alone = _original(prior, x, r, cond["clip_text_pooled"], cond["clip_text"], img, [])
+        shifted = _original(prior, x, r, cond["clip_text_pooled"], cond["clip_text"], img, [None, *features])
+        plain = prior(x, timestep_ratio=r, clip_text_pooled=cond["clip_text_pooled"], clip_text=cond["clip_text"],
+                      clip_img=img).sample
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.equal(plain, alone)  # the reference loop is diffusers' forward when given no features
+    assert (got - alone).abs().max() > 1e-2 and (got - shifted).abs().max() > 1e-2
+    with torch.no_grad():  # the validation path: the pipeline calls the prior itself, inside `controlled`
+        with model.controlled(cond["controlnet_cond"], scale):
+            inside = prior(x, timestep_ratio=r, clip_text_pooled=cond["clip_text_pooled"], clip_text=cond["clip_text"],
+                           clip_img=img).sample
+        after = prior(x, timestep_ratio=r, clip_text_pooled=cond["clip_text_pooled"], clip_text=cond["clip_text"],
+                      clip_img=img).sample
+    assert torch.allclose(inside, want, atol=1e-5) and torch.allclose(after, plain)
+
+    # Gradient checkpointing recomputes the prior's blocks in backward: the ControlNet gets the same gradient.
+    def grads(checkpointing: bool) -> list[torch.Tensor]:
+        prior.enable_gradient_checkpointing() if checkpointing else prior.disable_gradient_checkpointing()
+        controlnet.zero_grad()
+        model(x, r, cond, scale).square().mean().backward()
+        return [p.grad.clone() for p in controlnet.parameters()]
+
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads(False), grads(True), strict=True))
+    assert all(not p.requires_grad for p in prior.parameters())
+
+
+def test_wrong_blocks_are_one_line_errors():
+    with pytest.raises(ConfigError, match="6 is past the prior's 6 ResBlocks") as err:
+        CascadeControlNetDenoiser(CascadeControlNet(1, 32, [0, 6], TINY_CONTROLNET_BACKBONE), _prior())
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="ResBlock 0 is 32 channels wide, the ControlNet projects to 48"):
+        CascadeControlNetDenoiser(CascadeControlNet(1, 48, [0], TINY_CONTROLNET_BACKBONE), _prior())
+
+
+def test_control_inputs_are_the_original_filters():
+    shared = torch.rand(2, 3, 8, 8)
+    assert torch.equal(cascade_control_input("canny", shared), shared[:, :1])  # CannyFilter: one channel
+    masked = shared.clone()
+    masked[:, :, :4] = MASKED
+    out = cascade_control_input("inpaint", masked)  # InpaintFilter: image with holes at 1, then the mask
+    assert out.shape == (2, 4, 8, 8)
+    assert torch.equal(out[:, 3, :4], torch.ones(2, 4, 8)) and torch.equal(out[:, 3, 4:], torch.zeros(2, 4, 8))
+    assert torch.equal(out[:, :3, :4], torch.ones(2, 3, 4, 8)) and torch.equal(out[:, :3, 4:], shared[:, :, 4:])
+
+
+# ---- the released file layout ---------------------------------------------------------------------------
+def test_released_layout():
+    """stabilityai/stable-cascade controlnet/canny.safetensors: backbone.* (V2-S, 1 input channel, unpadded first
+    conv) + projections.{i}.{0,2}.weight, 8 of them; built on the meta device at real size."""
+    with torch.device("meta"):
+        real = CascadeControlNet(1, 2048)
+    shapes = {k: tuple(v.shape) for k, v in real.state_dict().items()}
+    assert shapes["backbone.0.0.weight"] == (24, 1, 3, 3) and real.backbone[0][0].padding == (0, 0)
+    assert {k for k in shapes if k.startswith("projections.")} == {
+        f"projections.{i}.{j}.weight" for i in range(8) for j in (0, 2)}
+    assert shapes["projections.7.0.weight"] == (1280, 1280, 1, 1) and shapes["projections.7.2.weight"] == (2048, 1280, 1, 1)
+    assert real.proj_blocks == list(RELEASE_BLOCKS)
+
+
+def test_a_released_layout_file_loads_strictly_and_a_wrong_one_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    made = CascadeControlNet(4, 32, RELEASE_BLOCKS, TINY_CONTROLNET_BACKBONE)  # inpainting: 4 channels
+    for projection in made.projections:
+        torch.nn.init.normal_(projection[-1].weight)
+    state = {k: v for k, v in made.state_dict().items() if not k.endswith("num_batches_tracked")}
+    save_file(state, str(tmp_path / "inpainting.safetensors"))
+    loaded = load_cascade_controlnet(tmp_path / "inpainting.safetensors", backbone=TINY_CONTROLNET_BACKBONE)
+    assert (loaded.c_in, loaded.c_proj, loaded.proj_blocks) == (4, 32, list(RELEASE_BLOCKS))
+    x = torch.rand(1, 4, 64, 64)
+    with torch.no_grad():
+        want, got = made.eval()(x), loaded(x)
+    assert [i for i, f in enumerate(got) if f is not None] == list(RELEASE_BLOCKS)
+    assert all(torch.equal(want[i], got[i]) for i in RELEASE_BLOCKS)
+    del state["projections.3.2.weight"]
+    save_file(state, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(ValueError, match="1 missing, 0 unexpected") as err:
+        load_cascade_controlnet(tmp_path / "broken.safetensors", backbone=TINY_CONTROLNET_BACKBONE)
+    assert "\n" not in str(err.value)
+    save_file({"backbone.0.weight": torch.zeros(1)}, str(tmp_path / "sr.safetensors"))  # the 'large' bottleneck
+    with pytest.raises(ValueError, match="not a Stable Cascade ControlNet with the effnet bottleneck"):
+        load_cascade_controlnet(tmp_path / "sr.safetensors")
+
+
+# ---- cache -> train -> resume -> export -> load ---------------------------------------------------------------
+@pytest.mark.slow
+def test_cascade_controlnet_cache_train_resume_export_load(demo_data, tmp_path):
+    from PIL import Image
+
+    from latentforge.preprocess.job import run_cache
+    from latentforge.train.export import export_pipeline
+    from latentforge.train.grid_labels import CAPTION_H
+    from latentforge.train.trainer import Trainer
+
+    model = build_tiny_pipeline("stable_cascade", tmp_path / "tiny-stable-cascade")
+    config = _config(model, demo_data, tmp_path, "cache.conditioning.kind=canny", "train.controlnet.enabled=true",
+                     f"train.controlnet.backbone_config={model / CONTROLNET_BACKBONE_NAME}",
+                     "train.controlnet.blocks=[0, 1, 3]", "train.caption_dropout=0.5", "train.lr=1e-3",
+                     "train.ema.enabled=true", "train.backup_every=0", "train.keep_last=2",
+                     "train.checkpoint_every=1", "train.max_steps=3", "train.validation_every=3")
+    assert run_cache(config) == 0
+    prior_before = StableCascadeUNet.from_pretrained(model, subfolder="prior").state_dict()
+
+    def with_train(**kw):
+        return config.model_copy(update={"train": config.train.model_copy(update=kw)})
+
+    first = Trainer(with_train(max_steps=2))
+    trainable = {n for n, p in first.engine.module.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("controlnet.") for n in trainable)  # the prior stays frozen
+    controlnet_before = {k: v.clone() for k, v in first.engine.module.controlnet.state_dict().items()}
+    first.train()
+    module = first.engine.module
+    assert len(first.history) == 2 and all(np.isfinite(first.history))
+    prior_after = module.prior.state_dict()
+    assert all(torch.equal(prior_before[k].to(prior_after[k].dtype), prior_after[k]) for k in prior_before)
+    changed = [k for k, v in module.controlnet.state_dict().items() if not torch.equal(v, controlnet_before[k])]
+    assert any(k.startswith("projections.") for k in changed) and any(k.startswith("backbone.") for k in changed)
+    assert all("running_" not in k for k in changed)  # the backbone's BatchNorm stays in eval mode
+
+    second = Trainer(with_train(resume="latest"))  # resumes at step 2 and trains step 3, validating there
+    assert second.step == 2
+    second.train()
+    assert second.step == 3 and np.isfinite(second.history).all()
+    val = [json.loads(line) for line in (tmp_path / "run" / "val_log.jsonl").read_text().splitlines()]
+    assert val[-1]["step"] == 3 and np.isfinite(val[-1]["val_loss"])
+    grid = Image.open(tmp_path / "run" / "validation" / "step-00000003.png")
+    assert grid.size[1] == CAPTION_H + 2 * 256  # the canny control above each cascade output
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000003"
+    out = export_pipeline(checkpoint, tmp_path / "export", dtype="fp32")
+    described = json.loads((out / "controlnet_config.json").read_text())
+    assert described["proj_blocks"] == [0, 1, 3] and described["c_in"] == 1 and described["filter"] == "CannyFilter"
+    loaded = load_cascade_controlnet(out)  # the documented loader: a fresh network, strict
+    trained = second.engine.module.controlnet
+    control = torch.rand(1, 1, 256, 256)
+    with torch.no_grad():
+        want = [f.float() for f in trained.eval()(control.to(second.dtype)) if f is not None]
+        got = [f for f in loaded(control) if f is not None]
+    # bf16 training: the export holds the fp32 masters, within bf16 rounding of the module's weights.
+    assert all(torch.allclose(a, b, atol=2e-2, rtol=2e-2) for a, b in zip(got, want, strict=True))
+    ema = load_cascade_controlnet(export_pipeline(checkpoint, tmp_path / "export-ema", dtype="fp32", use_ema=True))
+    assert ema.proj_blocks == [0, 1, 3]
