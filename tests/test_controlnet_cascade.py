@@ -6,6 +6,7 @@ loss and grid) -> resume -> export -> `load_cascade_controlnet` gives the traine
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,6 +161,13 @@ def test_released_layout():
         f"projections.{i}.{j}.weight" for i in range(8) for j in (0, 2)}
     assert shapes["projections.7.0.weight"] == (1280, 1280, 1, 1) and shapes["projections.7.2.weight"] == (2048, 1280, 1, 1)
     assert real.proj_blocks == list(RELEASE_BLOCKS)
+    # Parameters by hand: torchvision's V2-S features with a 1-channel first conv, plus 8 x (1280^2 + 1280 x 2048).
+    import torchvision
+
+    with torch.device("meta"):
+        features = sum(p.numel() for p in torchvision.models.efficientnet_v2_s().features.parameters())
+    assert sum(p.numel() for p in real.parameters()) == features - 24 * 2 * 9 + 8 * (1280 * 1280 + 1280 * 2048)
+    assert sum(p.numel() for p in real.parameters()) == 54_255_776  # 1.5 % of the 3.6B prior (docs/training.md)
 
 
 def test_a_released_layout_file_loads_strictly_and_a_wrong_one_is_refused(tmp_path):
@@ -189,8 +197,13 @@ def test_a_released_layout_file_loads_strictly_and_a_wrong_one_is_refused(tmp_pa
 
 
 # ---- cache -> train -> resume -> export -> load ---------------------------------------------------------------
+ZERO3 = ("deepspeed={zero_optimization: {stage: 3}, bf16: {enabled: true}}",)
+
+
 @pytest.mark.slow
-def test_cascade_controlnet_cache_train_resume_export_load(demo_data, tmp_path):
+@pytest.mark.parametrize(("kind", "extra"), [("canny", ()), ("inpaint", ZERO3)])
+def test_cascade_controlnet_cache_train_resume_export_load(kind, extra, demo_data, tmp_path):
+    """ZeRO-2 with canny (the module's weights checked), ZeRO-3 with inpainting (4-channel control input)."""
     from PIL import Image
 
     from latentforge.preprocess.job import run_cache
@@ -199,11 +212,11 @@ def test_cascade_controlnet_cache_train_resume_export_load(demo_data, tmp_path):
     from latentforge.train.trainer import Trainer
 
     model = build_tiny_pipeline("stable_cascade", tmp_path / "tiny-stable-cascade")
-    config = _config(model, demo_data, tmp_path, "cache.conditioning.kind=canny", "train.controlnet.enabled=true",
+    config = _config(model, demo_data, tmp_path, f"cache.conditioning.kind={kind}", "train.controlnet.enabled=true",
                      f"train.controlnet.backbone_config={model / CONTROLNET_BACKBONE_NAME}",
                      "train.controlnet.blocks=[0, 1, 3]", "train.caption_dropout=0.5", "train.lr=1e-3",
                      "train.ema.enabled=true", "train.backup_every=0", "train.keep_last=2",
-                     "train.checkpoint_every=1", "train.max_steps=3", "train.validation_every=3")
+                     "train.checkpoint_every=1", "train.max_steps=3", "train.validation_every=3", *extra)
     assert run_cache(config) == 0
     prior_before = StableCascadeUNet.from_pretrained(model, subfolder="prior").state_dict()
 
@@ -213,15 +226,12 @@ def test_cascade_controlnet_cache_train_resume_export_load(demo_data, tmp_path):
     first = Trainer(with_train(max_steps=2))
     trainable = {n for n, p in first.engine.module.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("controlnet.") for n in trainable)  # the prior stays frozen
+    sharded = bool(extra)  # under ZeRO-3 the module holds only this rank's slices: the exports are checked below
     controlnet_before = {k: v.clone() for k, v in first.engine.module.controlnet.state_dict().items()}
     first.train()
-    module = first.engine.module
     assert len(first.history) == 2 and all(np.isfinite(first.history))
-    prior_after = module.prior.state_dict()
-    assert all(torch.equal(prior_before[k].to(prior_after[k].dtype), prior_after[k]) for k in prior_before)
-    changed = [k for k, v in module.controlnet.state_dict().items() if not torch.equal(v, controlnet_before[k])]
-    assert any(k.startswith("projections.") for k in changed) and any(k.startswith("backbone.") for k in changed)
-    assert all("running_" not in k for k in changed)  # the backbone's BatchNorm stays in eval mode
+    if not sharded:
+        _check_weights(first.engine.module, prior_before, controlnet_before)
 
     second = Trainer(with_train(resume="latest"))  # resumes at step 2 and trains step 3, validating there
     assert second.step == 2
@@ -230,19 +240,62 @@ def test_cascade_controlnet_cache_train_resume_export_load(demo_data, tmp_path):
     val = [json.loads(line) for line in (tmp_path / "run" / "val_log.jsonl").read_text().splitlines()]
     assert val[-1]["step"] == 3 and np.isfinite(val[-1]["val_loss"])
     grid = Image.open(tmp_path / "run" / "validation" / "step-00000003.png")
-    assert grid.size[1] == CAPTION_H + 2 * 256  # the canny control above each cascade output
+    assert grid.size[1] == CAPTION_H + 2 * 256  # the control image above each cascade output
 
     checkpoint = tmp_path / "run" / "checkpoints" / "step-00000003"
     out = export_pipeline(checkpoint, tmp_path / "export", dtype="fp32")
     described = json.loads((out / "controlnet_config.json").read_text())
-    assert described["proj_blocks"] == [0, 1, 3] and described["c_in"] == 1 and described["filter"] == "CannyFilter"
+    channels, name = {"canny": (1, "CannyFilter"), "inpaint": (4, "InpaintFilter")}[kind]
+    assert described["proj_blocks"] == [0, 1, 3] and described["c_in"] == channels and described["filter"] == name
     loaded = load_cascade_controlnet(out)  # the documented loader: a fresh network, strict
+    step2 = load_cascade_controlnet(export_pipeline(checkpoint.with_name("step-00000002"), tmp_path / "e2", dtype="fp32"))
+    before = step2.state_dict()
+    changed = [k for k, v in loaded.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith("projections.") for k in changed) and any(k.startswith("backbone.") for k in changed)
+    assert all(loaded.projections[i][2].weight.abs().max() > 0 for i in range(3))  # they started at zero
+    ema = load_cascade_controlnet(export_pipeline(checkpoint, tmp_path / "export-ema", dtype="fp32", use_ema=True))
+    assert ema.proj_blocks == [0, 1, 3]
+    if sharded:
+        return
     trained = second.engine.module.controlnet
-    control = torch.rand(1, 1, 256, 256)
+    control = torch.rand(1, channels, 256, 256)
     with torch.no_grad():
         want = [f.float() for f in trained.eval()(control.to(second.dtype)) if f is not None]
         got = [f for f in loaded(control) if f is not None]
     # bf16 training: the export holds the fp32 masters, within bf16 rounding of the module's weights.
     assert all(torch.allclose(a, b, atol=2e-2, rtol=2e-2) for a, b in zip(got, want, strict=True))
-    ema = load_cascade_controlnet(export_pipeline(checkpoint, tmp_path / "export-ema", dtype="fp32", use_ema=True))
-    assert ema.proj_blocks == [0, 1, 3]
+
+
+def _check_weights(module, prior_before, controlnet_before):
+    """The prior's weights are those it loaded; the ControlNet's changed, BatchNorm statistics aside."""
+    prior_after = module.prior.state_dict()
+    assert all(torch.equal(prior_before[k].to(prior_after[k].dtype), prior_after[k]) for k in prior_before)
+    changed = [k for k, v in module.controlnet.state_dict().items() if not torch.equal(v, controlnet_before[k])]
+    assert any(k.startswith("projections.") for k in changed) and any(k.startswith("backbone.") for k in changed)
+    assert all("running_" not in k for k in changed)  # the backbone's BatchNorm stays in eval mode
+
+
+def test_pretrained_file_starts_the_run_and_a_misfit_is_one_line(tmp_path):
+    """train.controlnet.pretrained: a released-layout file with the run's blocks; another input width is refused."""
+    from safetensors.torch import save_file
+
+    from latentforge.shared.config import load_config
+    from latentforge.train.cascade_controlnet_adapter import build_controlnet
+
+    made = CascadeControlNet(1, 32, [0, 2, 5], TINY_CONTROLNET_BACKBONE)
+    save_file(dict(made.state_dict()), str(tmp_path / "canny.safetensors"))
+    backbone = tmp_path / "backbone.json"
+    backbone.write_text(json.dumps(TINY_CONTROLNET_BACKBONE))
+
+    def config(*extra):
+        return load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml", [
+            "model.family=stable_cascade", "train.controlnet.enabled=true", f"train.controlnet.backbone_config={backbone}",
+            f"train.controlnet.pretrained={tmp_path / 'canny.safetensors'}", *extra])
+
+    built = build_controlnet(config("train.controlnet.blocks=[0, 2, 5]"), "canny", _prior())
+    assert built.proj_blocks == [0, 2, 5] and all(torch.equal(v, made.state_dict()[k]) for k, v in built.state_dict().items())
+    with pytest.raises(ConfigError, match="takes 1 input channels; the inpaint control gives 4") as err:
+        build_controlnet(config("train.controlnet.blocks=[0, 2, 5]"), "inpaint", _prior())
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="3 projections; name the blocks they feed"):
+        build_controlnet(config(), "canny", _prior())

@@ -134,7 +134,7 @@ def build_controlnet(config: Config, kind: str, prior: torch.nn.Module) -> Casca
             raise ConfigError(f"config error: train.controlnet.pretrained: {str(exc).splitlines()[0][:240]}") from None
         if controlnet.c_in != KIND_CHANNELS[kind]:
             raise ConfigError(f"config error: train.controlnet.pretrained: {cn.pretrained} takes {controlnet.c_in} "
-                              f"input channels, a {kind} control gives {KIND_CHANNELS[kind]}")
+                              f"input channels; the {kind} control gives {KIND_CHANNELS[kind]}")
         return controlnet
     try:
         return CascadeControlNet(KIND_CHANNELS[kind], width, blocks or RELEASE_BLOCKS, backbone, imagenet=backbone is None)

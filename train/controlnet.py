@@ -127,6 +127,10 @@ def controlnet_adapter(base: DenoiserAdapter, config: Config, spec: CacheSpec, c
     if spec.conditioning is None:
         raise ConfigError(f"config error: train.controlnet.enabled: cache {cache_path} holds no control images; "
                           "set cache.conditioning.kind (canny, image, inpaint or sidecar) and re-cache into a new cache.path")
+    cn = config.train.controlnet
+    if base.family != CASCADE and (cn.blocks is not None or cn.backbone_config):
+        raise ConfigError(f"config error: train.controlnet.blocks and backbone_config are for Stable Cascade's "
+                          f"ControlNet; a {base.family} ControlNet is diffusers' ControlNetModel: remove them")
     if base.family == CASCADE:
         from .cascade_controlnet_adapter import CascadeControlNetAdapter
 
