@@ -201,10 +201,11 @@ ZERO3 = ("deepspeed={zero_optimization: {stage: 3}, bf16: {enabled: true}}",)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "extra"), [("canny", ("train.gradient_checkpointing=true",)), ("inpaint", ZERO3)])
+@pytest.mark.parametrize(("kind", "extra"), [("canny", ("train.gradient_checkpointing=true", "cache.conditioning.canny_resize=224")),
+                                           ("inpaint", ZERO3)])
 def test_cascade_controlnet_cache_train_resume_export_load(kind, extra, demo_data, tmp_path):
-    """ZeRO-2 with canny and gradient checkpointing (the module's weights checked), ZeRO-3 with inpainting
-    (4-channel control input)."""
+    """ZeRO-2 with canny (as CannyFilter(resize=224)) and gradient checkpointing (the module's weights checked),
+    ZeRO-3 with inpainting (4-channel control input)."""
     from PIL import Image
 
     from latentforge.preprocess.job import run_cache
