@@ -266,6 +266,20 @@ def test_cascade_controlnet_cache_train_resume_export_load(kind, extra, demo_dat
         got = [f for f in loaded(control) if f is not None]
     # bf16 training: the export holds the fp32 masters, within bf16 rounding of the module's weights.
     assert all(torch.allclose(a, b, atol=2e-2, rtol=2e-2) for a, b in zip(got, want, strict=True))
+    _sample_with(loaded, model, control)
+
+
+def _sample_with(controlnet, model, control):
+    """The documented sampling recipe (docs/training.md): the prior pipeline, its prior steered inside `controlled`."""
+    import diffusers
+
+    pipe = diffusers.StableCascadePriorPipeline.from_pretrained(model).to(torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    denoiser = CascadeControlNetDenoiser(controlnet, pipe.prior)
+    with denoiser.controlled(control):
+        out = pipe("a cat on a chair", num_inference_steps=2, height=256, width=256, output_type="pt",
+                   generator=torch.Generator().manual_seed(0)).image_embeddings
+    assert out.shape == (1, 16, 8, 8) and torch.isfinite(out).all()
 
 
 def _check_weights(module, prior_before, controlnet_before):
