@@ -315,3 +315,12 @@ def test_pretrained_file_starts_the_run_and_a_misfit_is_one_line(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="3 projections; name the blocks they feed"):
         build_controlnet(config(), "canny", _prior())
+
+
+@pytest.mark.parametrize("blocks", ["[]", "[1, 1]", "[-1]"])
+def test_bad_blocks_are_one_line_config_errors(blocks):
+    from latentforge.shared.config import load_config
+
+    with pytest.raises(ConfigError, match="train.controlnet: blocks") as err:
+        load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml", [f"train.controlnet.blocks={blocks}"])
+    assert "\n" not in str(err.value)
