@@ -170,6 +170,67 @@ def test_released_layout():
     assert sum(p.numel() for p in real.parameters()) == 54_255_776  # 1.5 % of the 3.6B prior (docs/training.md)
 
 
+class _OriginalControlNet(torch.nn.Module):
+    """Stability-AI/StableCascade modules/controlnet.py `ControlNet.__init__` with `bottleneck_mode='effnet'`, as
+    written there but without downloading the ImageNet weights (the module structure is the released files')."""
+
+    def __init__(self, c_in=3, c_proj=2048, proj_blocks=None):
+        import torchvision
+        from torch import nn
+
+        super().__init__()
+        self.proj_blocks = proj_blocks
+        embd_channels = 1280
+        self.backbone = torchvision.models.efficientnet_v2_s().features.eval()
+        if c_in != 3:
+            in_weights = self.backbone[0][0].weight.data
+            self.backbone[0][0] = nn.Conv2d(c_in, 24, kernel_size=3, stride=2, bias=False)
+            if c_in > 3:
+                nn.init.constant_(self.backbone[0][0].weight, 0)
+                self.backbone[0][0].weight.data[:, :3] = in_weights[:, :3].clone()
+            else:
+                self.backbone[0][0].weight.data = in_weights[:, :c_in].clone()
+        self.projections = nn.ModuleList()
+        for _ in range(len(proj_blocks)):
+            self.projections.append(nn.Sequential(
+                nn.Conv2d(embd_channels, embd_channels, kernel_size=1, bias=False),
+                nn.LeakyReLU(0.2, inplace=True),
+                nn.Conv2d(embd_channels, c_proj, kernel_size=1, bias=False),
+            ))
+
+    def forward(self, x):
+        x = self.backbone(x)
+        proj_outputs = [None for _ in range(max(self.proj_blocks) + 1)]
+        for i, idx in enumerate(self.proj_blocks):
+            proj_outputs[idx] = self.projections[i](x)
+        return proj_outputs
+
+
+@pytest.mark.parametrize("c_in", [1, 3, 4])
+def test_the_state_dict_is_the_original_classes(c_in):
+    """Real size on the meta device: every key, shape and dtype of the original class's state dict, and no other."""
+    with torch.device("meta"):
+        original = _OriginalControlNet(c_in, 2048, list(RELEASE_BLOCKS)).state_dict()
+        ours = CascadeControlNet(c_in, 2048).state_dict()
+    assert {k: (v.shape, v.dtype) for k, v in ours.items()} == {k: (v.shape, v.dtype) for k, v in original.items()}
+
+
+def test_an_original_state_dict_at_real_size_loads_strictly_and_computes_the_same(tmp_path):
+    """The original class at real size (random weights, canny's 1 channel) saved as a released file: the loader
+    builds it from the file alone (release blocks, V2-S) and gives the original's outputs."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(4)
+    original = _OriginalControlNet(1, 2048, list(RELEASE_BLOCKS)).eval()
+    save_file({k: v.contiguous() for k, v in original.state_dict().items()}, str(tmp_path / "canny.safetensors"))
+    loaded = load_cascade_controlnet(tmp_path / "canny.safetensors")
+    x = torch.rand(1, 1, 96, 64)
+    with torch.no_grad():
+        want, got = original(x), loaded(x)
+    assert [f is None for f in got] == [f is None for f in want] and got[63].shape == (1, 2048, 3, 2)
+    assert all(torch.equal(got[i], want[i]) for i in RELEASE_BLOCKS)
+
+
 def test_a_released_layout_file_loads_strictly_and_a_wrong_one_is_refused(tmp_path):
     from safetensors.torch import save_file
 
