@@ -128,6 +128,8 @@ def test_injection_adds_interpolated_features_exactly_at_the_chosen_blocks():
 
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads(False), grads(True), strict=True))
     assert all(not p.requires_grad for p in prior.parameters())
+    model.remove_hooks()
+    assert not any(b._forward_pre_hooks for b in res_blocks(prior))
 
 
 def test_wrong_blocks_are_one_line_errors():

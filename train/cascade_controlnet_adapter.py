@@ -55,6 +55,7 @@ class CascadeControlNetDenoiser(torch.nn.Module):
         super().__init__()
         self.controlnet, self.prior = controlnet, prior
         self.prior.requires_grad_(False)
+        self._hooks: list[Any] = []
         blocks = res_blocks(prior)
         for index in controlnet.proj_blocks:
             if index >= len(blocks):
@@ -64,10 +65,16 @@ class CascadeControlNetDenoiser(torch.nn.Module):
             if width != controlnet.c_proj:
                 raise ConfigError(f"config error: train.controlnet.blocks: ResBlock {index} is {width} channels wide, "
                                   f"the ControlNet projects to {controlnet.c_proj}")
-            blocks[index].register_forward_pre_hook(self._injector(index))
+            self._hooks.append(blocks[index].register_forward_pre_hook(self._injector(index)))
         # The features of the current forward. Kept after it when the prior checkpoints its gradients,
         # which runs its blocks (and these hooks) again in backward.
         self._features: list[torch.Tensor | None] | None = None
+
+    def remove_hooks(self) -> None:
+        """Give the prior back unhooked (after sampling with it, say)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
 
     def _injector(self, index: int) -> Any:
         def inject(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
