@@ -6,6 +6,8 @@ Folder layout written by `build_stable_cascade(tmp_dir, seed)`:
     tmp_dir/effnet/          effnet_encoder.safetensors in the released layout (backbone.* + mapper.*) and an
                              effnet_config.json naming the tiny backbone's stages
     tmp_dir/decoder/         StableCascadeDecoderPipeline (Stage B decoder + Paella VQ model, Stage A)
+    tmp_dir/controlnet_backbone.json   the tiny EfficientNet for a Stage C ControlNet
+                             (`train.controlnet.backbone_config`; its prior has 4 ResBlocks, 0-3)
 
 Real geometry, tiny widths: 16-channel Stage C latents at 1/32 of the image (five stride-2 EfficientNet stages),
 a 4-channel Stage B latent, the VQ model's 4x. `resolution_multiple` 32 (the real 42.67 maps 24 latents to
@@ -25,6 +27,11 @@ from .tiny_families import _clip_encoder
 TINY_EFFNET = {"c_latent": 16, "last_channel": 64,
                "stages": [["fused", 1, 3, 1, 8, 8, 1], ["fused", 4, 3, 2, 8, 16, 1], ["fused", 4, 3, 2, 16, 16, 1],
                           ["mb", 4, 3, 2, 16, 32, 1], ["mb", 6, 3, 1, 32, 32, 1], ["mb", 6, 3, 2, 32, 48, 1]]}
+
+
+# The ControlNet's backbone: the same tiny stages (stride 32, 64 channels out), for train.controlnet.backbone_config.
+TINY_CONTROLNET_BACKBONE = {"last_channel": TINY_EFFNET["last_channel"], "stages": TINY_EFFNET["stages"]}
+CONTROLNET_BACKBONE_NAME = "controlnet_backbone.json"
 
 
 def _seeded(seed: int, offset: int) -> None:
@@ -75,6 +82,7 @@ def build_stable_cascade(tmp_dir: Path, seed: int) -> None:
                                scheduler=DDPMWuerstchenScheduler(), resolution_multiple=32.0
                                ).save_pretrained(tmp_dir, safe_serialization=True)
     save_tiny_effnet(tmp_dir / "effnet", seed)
+    (tmp_dir / CONTROLNET_BACKBONE_NAME).write_text(json.dumps(TINY_CONTROLNET_BACKBONE, indent=2))
     _seeded(seed, 4)
     decoder = StableCascadeUNet(in_channels=4, out_channels=4, conditioning_dim=32, block_out_channels=(16, 32),
                                 num_attention_heads=(-1, 2), down_num_layers_per_block=(1, 1), up_num_layers_per_block=(1, 1),

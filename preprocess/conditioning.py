@@ -19,15 +19,30 @@ from .images import SkipSample, decode_image, hflip, resize_and_crop
 SIDECAR_ASPECT_TOLERANCE = 0.02
 
 
-def canny_edges(img: Image.Image, low: float, high: float, sigma: float) -> np.ndarray:
+def canny_edges(img: Image.Image, low: float, high: float, sigma: float, resize: int | None = None) -> np.ndarray:
     """Canny edges of an RGB image as a (1, H, W) uint8 map, 255 on edges: scikit-image's `canny` on the
     greyscale image, thresholds in 0-255 gradient units as with OpenCV's Canny (scikit-image scales them
-    by the uint8 range), after a Gaussian of `sigma` pixels."""
+    by the uint8 range), after a Gaussian of `sigma` pixels.
+
+    `resize`: as Stable Cascade's `CannyFilter(resize=224)` (Stability-AI/StableCascade `modules/controlnet.py`):
+    the image squashed to resize x resize and the edges enlarged back to (H, W), both with torch's bilinear
+    `interpolate` (no antialiasing), so the stored map is soft (0-255) rather than binary."""
     from skimage.feature import canny  # imported here: importing scikit-image takes seconds
 
-    grey = np.asarray(img.convert("L"), dtype=np.uint8)
-    edges = canny(grey, sigma=sigma, low_threshold=low, high_threshold=high)
-    return (edges.astype(np.uint8) * 255)[None]
+    if resize is None:
+        grey = np.asarray(img.convert("L"), dtype=np.uint8)
+        edges = canny(grey, sigma=sigma, low_threshold=low, high_threshold=high)
+        return (edges.astype(np.uint8) * 255)[None]
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(rgb_planes(img)).float()[None] / 255.0
+    small = F.interpolate(x, size=(resize, resize), mode="bilinear")
+    rgb = small[0].mul(255).permute(1, 2, 0).numpy().astype(np.uint8)  # truncated to uint8, as the original
+    grey = np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.uint8)
+    edges = torch.from_numpy(canny(grey, sigma=sigma, low_threshold=low, high_threshold=high).astype(np.float32))
+    big = F.interpolate(edges[None, None], size=(img.height, img.width), mode="bilinear")
+    return big[0].mul(255).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
 def rgb_planes(img: Image.Image) -> np.ndarray:
@@ -64,7 +79,7 @@ class ControlMaker:
         resized to `resized` and cut at `crop_top_left` (the image's own plan), then flipped the same way."""
         kind = self.cfg.kind
         if kind == "canny":
-            return canny_edges(crop, self.cfg.canny_low, self.cfg.canny_high, self.cfg.canny_sigma)
+            return canny_edges(crop, self.cfg.canny_low, self.cfg.canny_high, self.cfg.canny_sigma, self.cfg.canny_resize)
         if kind in ("image", "inpaint"):
             return rgb_planes(crop)
         if kind == "sidecar":

@@ -25,28 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from latentforge.shared.efficientnet import efficientnet_features
+
 WEIGHTS_NAME = "effnet_encoder.safetensors"
 CONFIG_NAME = "effnet_config.json"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _backbone(config: dict[str, Any] | None) -> tuple[nn.Module, int]:
-    """torchvision EfficientNet features: the V2-S of the release, or the stages `config` lists."""
-    import torchvision
-    from torchvision.models.efficientnet import EfficientNet, FusedMBConvConfig, MBConvConfig
-
-    if not config or not config.get("stages"):
-        return torchvision.models.efficientnet_v2_s(weights=None).features, 1280
-    kinds = {"fused": FusedMBConvConfig, "mb": MBConvConfig}
-    stages = []
-    for kind, expand, kernel, stride, c_in, c_out, layers in config["stages"]:
-        if kind == "mb":
-            stages.append(MBConvConfig(expand, kernel, stride, c_in, c_out, layers, width_mult=1.0, depth_mult=1.0))
-        else:
-            stages.append(kinds[kind](expand, kernel, stride, c_in, c_out, layers))
-    last = int(config["last_channel"])
-    return EfficientNet(stages, dropout=0.0, last_channel=last).features, last
 
 
 class EfficientNetEncoder(nn.Module):
@@ -54,7 +38,7 @@ class EfficientNetEncoder(nn.Module):
 
     def __init__(self, c_latent: int = 16, config: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self.backbone, channels = _backbone(config)
+        self.backbone, channels = efficientnet_features(config)
         self.mapper = nn.Sequential(nn.Conv2d(channels, c_latent, kernel_size=1, bias=False),
                                     nn.BatchNorm2d(c_latent, affine=False))
 

@@ -27,9 +27,12 @@ def conditioning_channels(kind: str) -> int:
 
 def conditioning_settings(section: Mapping[str, Any] | None) -> dict[str, Any]:
     """The `cache.conditioning` settings that change what is stored ({} when off): the kind, plus the
-    Canny thresholds for `canny` and the file name part for `sidecar`."""
+    Canny thresholds (and `canny_resize` when set) for `canny` and the file name part for `sidecar`."""
     kind = (section or {}).get("kind", "none")
     if kind == "none":
         return {}
     extra = {"canny": ("canny_low", "canny_high", "canny_sigma"), "sidecar": ("sidecar",)}.get(kind, ())
-    return {"kind": kind, **{k: section[k] for k in extra}}  # type: ignore[index]
+    out = {"kind": kind, **{k: section[k] for k in extra}}  # type: ignore[index]
+    if kind == "canny" and (section or {}).get("canny_resize") is not None:  # only when set: older caches keep theirs
+        out["canny_resize"] = section["canny_resize"]  # type: ignore[index]
+    return out

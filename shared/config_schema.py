@@ -226,6 +226,10 @@ class ConditioningConfig(_Section):
     canny_low: float = Field(default=100.0, ge=0, description="Canny hysteresis low threshold (0-255 gradient units).")
     canny_high: float = Field(default=200.0, ge=0, description="Canny hysteresis high threshold (0-255 gradient units).")
     canny_sigma: float = Field(default=1.0, ge=0, description="Gaussian smoothing before Canny, in pixels.")
+    canny_resize: int | None = Field(
+        default=None, ge=8, description="Run Canny on the crop squashed to this square size and enlarge the edges "
+        "back (bilinear): Stable Cascade's CannyFilter(resize=224); unset: at the crop's size.",
+    )
     sidecar: str = Field(
         default="depth", pattern=r"^[a-z0-9_]+$",
         description="kind sidecar: the map of sample KEY is the member/file KEY.<sidecar>.<png|jpg|webp|...>.",

@@ -60,14 +60,35 @@ class LoraSection(_Section):
 
 class ControlNetSection(_Section):
     enabled: bool = Field(
-        default=False, description="Train a ControlNet (initialised from the UNet, which stays frozen) on the "
-        "cache's control images (cache.conditioning); SD 1.x and SDXL.",
+        default=False, description="Train a ControlNet on the cache's control images (cache.conditioning), the "
+        "base model frozen: SD 1.x/2.x and SDXL (diffusers' ControlNetModel, initialised from the UNet), Stable "
+        "Cascade Stage C (the original's EfficientNet ControlNet feeding train.controlnet.blocks).",
     )
-    pretrained: str | None = Field(default=None, description="Start from this ControlNet (hub id or folder) instead.")
+    pretrained: str | None = Field(
+        default=None, description="Start from this ControlNet instead: SD/SDXL a hub id or folder; Stable Cascade "
+        "a .safetensors in the released layout (a path, or OWNER/REPO/PATH.safetensors on the hub, e.g. "
+        "stabilityai/stable-cascade/controlnet/canny.safetensors) or a folder written by latentforge export.",
+    )
+    blocks: list[int] | None = Field(
+        default=None, description="Stable Cascade: the prior's ResBlocks (numbered in call order, down then up, "
+        "from 0) that receive the ControlNet's features (the original's controlnet_blocks); default the release's "
+        "[0, 4, 8, 12, 51, 55, 59, 63] of the 3.6B prior's 64.",
+    )
+    backbone_config: str | None = Field(
+        default=None, description="Stable Cascade: a JSON file describing a smaller EfficientNet backbone "
+        "({last_channel, stages}, as effnet_config.json; the devkit's tiny one); default EfficientNetV2-S with "
+        "torchvision's ImageNet weights, as the original.",
+    )
     conditioning_scale: float = Field(default=1.0, gt=0, description="Scale of the ControlNet residuals.")
     degrade_factor: int = Field(
         default=4, ge=1, description="kind image: the control is the crop shrunk by this factor and enlarged back."
     )
+
+    @model_validator(mode="after")
+    def _blocks(self) -> ControlNetSection:
+        if self.blocks is not None and (not self.blocks or min(self.blocks) < 0 or len(set(self.blocks)) != len(self.blocks)):
+            raise ValueError(f"blocks {self.blocks} must be distinct block numbers >= 0, at least one")
+        return self
 
 
 class WandbSection(_Section):

@@ -150,6 +150,27 @@ def test_a_cache_without_conditioning_keeps_its_fingerprint_and_json():
     canny = fingerprint_inputs(cache={**base, "conditioning": {"kind": "canny", "canny_low": 1.0, "canny_high": 2.0,
                                                                 "canny_sigma": 1.0, "sidecar": "depth"}}, **args)
     assert canny["cache"]["conditioning"] == {"kind": "canny", "canny_low": 1.0, "canny_high": 2.0, "canny_sigma": 1.0}
+    resized = fingerprint_inputs(cache={**base, "conditioning": {"kind": "canny", "canny_low": 1.0, "canny_high": 2.0,
+                                                                  "canny_sigma": 1.0, "canny_resize": 224}}, **args)
+    assert resized["cache"]["conditioning"]["canny_resize"] == 224  # counted only when set
+
+
+def test_canny_at_a_fixed_size_is_enlarged_back_softly():
+    """cache.conditioning.canny_resize (Stable Cascade's CannyFilter(resize=224)): edges found on the squashed
+    image, enlarged bilinearly to the crop's size: soft values, on the square's border within one small pixel."""
+    from PIL import Image
+
+    from latentforge.preprocess.conditioning import canny_edges
+
+    img = Image.new("RGB", (768, 512))  # W x H: squashed to 224 x 224, one small pixel is 3.4 x 2.3 pixels
+    img.paste((255, 255, 255), (200, 100, 500, 400))  # x0, y0, x1, y1
+    edges = canny_edges(img, 100.0, 200.0, 1.0, resize=224)[0]
+    assert edges.shape == (512, 768) and edges.dtype == np.uint8
+    assert len(set(np.unique(edges)) - {0, 255}) > 10  # bilinear enlargement: soft, not binary
+    assert not edges[130:370, 240:460].any() and not edges[:60].any() and not edges[:, :150].any()
+    top, left, bottom, right = found_box(edges > 0)
+    assert np.allclose((top, left, bottom, right), (100, 200, 400, 500), atol=8)
+    assert set(np.unique(canny_edges(img, 100.0, 200.0, 1.0)[0])) == {0, 255}  # unset: at the crop's size, binary
 
 
 @pytest.mark.parametrize("bad", ["cache.conditioning.kind=edges", "cache.conditioning.sidecar=Depth.Map",

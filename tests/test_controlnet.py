@@ -88,8 +88,9 @@ def test_controlnet_cache_train_export_infer(family, kind, extra, tmp_path):
 
 @pytest.mark.parametrize(("family", "extra", "conditioning", "message"), [
     ("sdxl", [], None, "holds no control images; set cache.conditioning.kind"),
-    ("sana", [], "canny", "ControlNet training supports sd1, sd2, sdxl, not sana"),
-    ("sd1", ["train.lora.enabled=true"], "canny", "train one or the other")])
+    ("sana", [], "canny", "ControlNet training supports sd1, sd2, sdxl, stable_cascade, not sana"),
+    ("sd1", ["train.lora.enabled=true"], "canny", "train one or the other"),
+    ("sdxl", ["train.controlnet.blocks=[0, 4]"], "canny", "blocks and backbone_config are for Stable Cascade")])
 def test_what_cannot_train_a_controlnet_is_one_line(family, extra, conditioning, message):
     from types import SimpleNamespace
 

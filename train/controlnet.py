@@ -1,4 +1,5 @@
-"""ControlNet training (`train.controlnet.enabled`): a ControlNet learns to steer the frozen UNet.
+"""ControlNet training (`train.controlnet.enabled`): a ControlNet learns to steer the frozen UNet (SD 1.x/2.x,
+SDXL; Stable Cascade Stage C has its own, `cascade_controlnet_adapter.py`).
 
 The model DeepSpeed trains is `ControlNetDenoiser`: the ControlNet (initialised from the UNet with
 diffusers' `ControlNetModel.from_unet`, or loaded from `train.controlnet.pretrained`) and the UNet, whose
@@ -24,6 +25,7 @@ from .families.base import DenoiserAdapter
 # The diffusers pipeline an exported ControlNet goes into, per family.
 CONTROLNET_PIPELINES = {"sd1": "StableDiffusionControlNetPipeline", "sd2": "StableDiffusionControlNetPipeline",
                         "sdxl": "StableDiffusionXLControlNetPipeline"}
+CASCADE = "stable_cascade"  # Stage C: the original's ControlNet, not diffusers' (`cascade_controlnet.py`)
 CONTROLNET_PREFIX = "controlnet."  # parameter names of the ControlNet inside `ControlNetDenoiser`
 
 
@@ -114,16 +116,25 @@ class ControlNetAdapter(DenoiserAdapter):
         return self.base.prompt_kwargs(embeds, empty)
 
 
-def controlnet_adapter(base: DenoiserAdapter, config: Config, spec: CacheSpec, cache_path: str) -> ControlNetAdapter:
-    """The ControlNet adapter for a run; one-line errors for what cannot train a ControlNet."""
-    if base.family not in CONTROLNET_PIPELINES:
+def controlnet_adapter(base: DenoiserAdapter, config: Config, spec: CacheSpec, cache_path: str) -> DenoiserAdapter:
+    """The ControlNet adapter for a run (Stable Cascade: `cascade_controlnet_adapter.py`); one-line errors for
+    what cannot train a ControlNet."""
+    if base.family not in (*CONTROLNET_PIPELINES, CASCADE):
         raise ConfigError(f"config error: train.controlnet.enabled: ControlNet training supports "
-                          f"{', '.join(CONTROLNET_PIPELINES)}, not {base.family}")
+                          f"{', '.join((*CONTROLNET_PIPELINES, CASCADE))}, not {base.family}")
     if config.train.lora.enabled:
         raise ConfigError("config error: train.controlnet.enabled and train.lora.enabled: train one or the other")
     if spec.conditioning is None:
         raise ConfigError(f"config error: train.controlnet.enabled: cache {cache_path} holds no control images; "
                           "set cache.conditioning.kind (canny, image, inpaint or sidecar) and re-cache into a new cache.path")
+    cn = config.train.controlnet
+    if base.family != CASCADE and (cn.blocks is not None or cn.backbone_config):
+        raise ConfigError(f"config error: train.controlnet.blocks and backbone_config are for Stable Cascade's "
+                          f"ControlNet; a {base.family} ControlNet is diffusers' ControlNetModel: remove them")
+    if base.family == CASCADE:
+        from .cascade_controlnet_adapter import CascadeControlNetAdapter
+
+        return CascadeControlNetAdapter(base, spec.conditioning, config.train.controlnet.conditioning_scale)
     return ControlNetAdapter(base, spec.conditioning, config.train.controlnet.conditioning_scale)
 
 
