@@ -305,7 +305,8 @@ def test_cascade_controlnet_cache_train_resume_export_load(kind, extra, demo_dat
     val = [json.loads(line) for line in (tmp_path / "run" / "val_log.jsonl").read_text().splitlines()]
     assert val[-1]["step"] == 3 and np.isfinite(val[-1]["val_loss"])
     grid = Image.open(tmp_path / "run" / "validation" / "step-00000003.png")
-    assert grid.size[1] == CAPTION_H + 2 * 256  # the control image above each cascade output
+    # Rows base (the prior alone, no control image), current and ema, the control image above each controlled output.
+    assert grid.size[1] == (CAPTION_H + 256) + 2 * (CAPTION_H + 2 * 256)
 
     checkpoint = tmp_path / "run" / "checkpoints" / "step-00000003"
     out = export_pipeline(checkpoint, tmp_path / "export", dtype="fp32")

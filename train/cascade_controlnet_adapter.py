@@ -70,6 +70,11 @@ class CascadeControlNetDenoiser(torch.nn.Module):
         # which runs its blocks (and these hooks) again in backward.
         self._features: list[torch.Tensor | None] | None = None
 
+    def frozen_denoiser(self) -> torch.nn.Module:
+        """The prior without control (what the grid's base row renders): features of a past forward dropped."""
+        self._features = None
+        return self.prior
+
     def remove_hooks(self) -> None:
         """Give the prior back unhooked (after sampling with it, say)."""
         for handle in self._hooks:

@@ -37,6 +37,10 @@ class ControlNetDenoiser(torch.nn.Module):
         self.controlnet, self.unet = controlnet, unet
         self.unet.requires_grad_(False)
 
+    def frozen_denoiser(self) -> torch.nn.Module:
+        """The UNet alone, without the ControlNet: what the validation grid's base row renders."""
+        return self.unet
+
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor],
                 conditioning_scale: float = 1.0) -> Any:
         dtype = noisy.dtype

@@ -82,7 +82,7 @@ def base_renders_later(config: Any) -> bool:
 def base_weights(model: torch.nn.Module, adapter: Any, config: Any) -> Iterator[tuple[torch.nn.Module, Any]]:
     """(module, adapter) that render the base model: the UNet alone for ControlNet, LoRA adapters disabled."""
     if config.train.controlnet.enabled:
-        yield model.unet, adapter.base  # type: ignore[union-attr]
+        yield model.frozen_denoiser(), adapter.base  # type: ignore[operator]
         return
     if not config.train.lora.enabled:
         yield model, adapter
