@@ -95,6 +95,10 @@ def load_run(path: Path) -> RunInfo:
         "samples/s (last window)": (summary.get("last_window") or {}).get("perf/samples_per_s"),
         "trainable parameters": summary.get("trainable_parameters"),
     }
+    evaluation = summary.get("eval") or {}  # the last `train.eval_every` / `latentforge evaluate` figures
+    if evaluation:
+        final["eval step"] = evaluation.get("step")
+        final.update({f"eval {name}": value for name, value in (evaluation.get("metrics") or {}).items()})
     grids = sorted((path / "validation").glob("step-*.png"))
     return RunInfo(path, path.resolve().name, final, flatten(_config_snapshot(path, summary)),
                    grids[-1] if grids else None)
@@ -116,7 +120,8 @@ def differing(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, tuple[Any
 def table(a: RunInfo, b: RunInfo) -> str:
     """The side-by-side text: final figures, then the differing config keys (output_dir left out)."""
     rows = [("", a.name, b.name)]
-    rows += [(k, _show(a.final.get(k)), _show(b.final.get(k))) for k in a.final]
+    keys = list(dict.fromkeys([*a.final, *b.final]))  # one run may have evaluation figures the other lacks
+    rows += [(k, _show(a.final.get(k)), _show(b.final.get(k))) for k in keys]
     diffs = {k: v for k, v in differing(a.config, b.config).items() if k != "train.output_dir"}
     rows.append(("hparams that differ:", "", "") if diffs else ("hparams: identical", "", ""))
     rows += [(f"  {k}", _show(x), _show(y)) for k, (x, y) in diffs.items()]

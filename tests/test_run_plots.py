@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -129,3 +130,18 @@ def test_two_short_runs_write_curves_and_labelled_grids_and_compare_side_by_side
     (tmp_path / "empty").mkdir()
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "empty")]) == 2
     assert "is not a run folder" in capsys.readouterr().err
+
+
+def test_compare_prints_the_evaluation_figures_of_either_run(tmp_path: Path, capsys: Any) -> None:
+    """Evaluation figures from run_summary.json's `eval` entry; a run without them shows '-'."""
+    from latentforge.app.cli import main
+
+    for name, summary in (("a", {"steps": 4, "eval": {"step": 4, "metrics": {"fid": 12.5, "hps": 27.25}}}),
+                          ("b", {"steps": 4})):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "run_summary.json").write_text(json.dumps(summary))
+        (run / "train_log.jsonl").write_text(json.dumps({"step": 4, "loss": 0.5, "lr": 1e-4}) + "\n")
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp")]) == 0
+    lines = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if line.startswith("eval ")}
+    assert "12.5" in lines["fid"] and "27.25" in lines["hps"] and lines["fid"].rstrip().endswith("-")
