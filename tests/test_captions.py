@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import DEMO
 
 from latentforge.preprocess.captions import caption_variants, shuffle_tags
 from latentforge.shared.config import SourceConfig, load_config
 from latentforge.train.captions import pick_caption_variants
-from tests.test_train import DEMO
 
 
 def test_shuffle_tags_keeps_the_leading_tokens() -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_train import DEMO
 
 from latentforge.shared.config import load_config
-from tests.test_train import DEMO
 
 CLASS_PROMPT = "a photo of a cat"
 
@@ -133,8 +133,9 @@ def test_two_rank_cache_job_generates_the_same_class_images(tiny_sdxl, tmp_path)
     byte-identical to those one process makes."""
     import subprocess
 
+    from reliability_support import cache_command, child_env
+
     from latentforge.preprocess.generate import generate_class_images
-    from tests.reliability_support import cache_command, child_env
 
     config = _config(tiny_sdxl, tmp_path / "one")
     generate_class_images(config, 0, 1, torch.device("cpu"))

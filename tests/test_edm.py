@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from test_train import DEMO
 
 from latentforge.shared.config import ConfigError, load_config
 from latentforge.train.edm import edm_loss_weight, edm_pair, edm_preconditioning, edm_scheduler_config
@@ -16,7 +17,6 @@ from latentforge.train.noise_options import (
     sampling_scheduler,
     sampling_scheduler_config,
 )
-from tests.test_train import DEMO
 
 
 def test_preconditioning_by_hand() -> None:
@@ -133,9 +133,9 @@ def test_edm_refuses_min_snr_and_non_unet_families() -> None:
 @pytest.mark.slow
 def test_edm_trains_validates_and_exports_with_edm_euler(unet_only_model, small_cache, tiny_sdxl, tmp_path) -> None:
     from diffusers import StableDiffusionXLPipeline
+    from test_train import FP32_ZERO, run_in_process, train_args
 
     from latentforge.train.export import export_pipeline
-    from tests.test_train import FP32_ZERO, run_in_process, train_args
 
     out = tmp_path / "run"
     losses = run_in_process(train_args(unet_only_model, small_cache, out, "train.max_steps=2", "train.checkpoint_every=2",

@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 import torch
+from test_train import DEMO, _rows, _step_setup, _TinyDenoiser
 
 from latentforge.shared.config import load_config
-from tests.test_train import DEMO, _rows, _step_setup, _TinyDenoiser
 
 
 def _loss(setup, batch, weights) -> float:
