@@ -27,7 +27,7 @@ import torch
 
 from latentforge.preprocess.buckets import buckets_by_resolution, generate_bucket_set
 from latentforge.preprocess.cache_writer import CacheWriter
-from latentforge.preprocess.overlap import WriteBehind, ordered_map
+from latentforge.preprocess.overlap import WriteBehind, ordered_map, timed_reads, waited
 from latentforge.shared.cache_fingerprint import (
     UPSCALE_WEIGHT_SETTINGS,
     compute_fingerprint,
@@ -188,10 +188,10 @@ class CacheJob:
     def _prepared(self, raws: Iterable[Any]) -> Iterator[tuple[Any, list[Prepared] | SkipSample, float]]:
         """`(raw, items or SkipSample, seconds)` in input order, prepared ahead of the encoder on worker
         processes (`cache.prepare_processes`) or threads (`cache.workers`)."""
-        if self.prepare_pool is not None:
-            yield from self.prepare_pool.map(raws, ahead=4 * self.prepare_pool.processes)
-            return
         workers = self.config.cache.workers
+        if self.prepare_pool is not None:  # as many samples ahead as the threads would have
+            yield from self.prepare_pool.map(raws, ahead=4 * max(workers, self.prepare_pool.processes))
+            return
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prepare") as pool:
             for raw, future in ordered_map(pool, self._timed_prepare, raws, ahead=4 * workers):
                 yield raw, *future.result()
@@ -202,7 +202,7 @@ class CacheJob:
         to the write thread."""
         cfg = self.config
         pending: dict[tuple[int, int], list[Prepared]] = {}
-        for raw, result, seconds in self._prepared(_timed(reader, stats)):
+        for raw, result, seconds in waited(self._prepared(timed_reads(reader, stats)), stats):
             stats.add("prepare", seconds)
             stats.seen += 1
             if isinstance(result, SkipSample):
@@ -309,20 +309,6 @@ def sidecar_name(config: Config) -> str | None:
 def _load_error(key: str, value: str, what: str, exc: BaseException) -> ConfigError:
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
     return ConfigError(f"config error: {key}: cannot load the {what} from {value!r} ({first})")
-
-
-def _timed(reader: Iterable[Any], stats: ShardStats) -> Iterator[Any]:
-    """Charge the time spent pulling samples out of the shard (network, tar parsing) to `read`."""
-    it = iter(reader)
-    while True:
-        t = time.perf_counter()
-        try:
-            item = next(it)
-        except StopIteration:
-            stats.add("read", time.perf_counter() - t)
-            return
-        stats.add("read", time.perf_counter() - t)
-        yield item
 
 
 def _fault_point(commits: int) -> None:

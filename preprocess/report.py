@@ -16,7 +16,8 @@ from latentforge.preprocess.cache_writer import CacheWriter
 from latentforge.shared.config import Config
 from latentforge.shared.families import ALT_SUFFIX
 
-PHASES = ("read", "prepare", "vae", "text", "write", "write_wait", "total")  # write: on the write thread
+# write: on the write thread; prepare: on workers; *_wait: the encoder's thread blocked on them
+PHASES = ("read", "prepare", "prepare_wait", "vae", "text", "write", "write_wait", "total")
 
 
 @dataclass
