@@ -7,8 +7,9 @@ committed) and serving rows from memory replaces one request per row by one per 
 dropped file holds its own reference, so memory is at most `max_files` files plus those of the calls in
 flight (the read-ahead's). Concurrent callers (read-ahead threads) that want the same file wait for the
 one request already out for it instead of sending another. A big file goes out as a few parts of
-`PART` bytes in flight together: one stream per file is slower than several (measured on loopback,
-docs/benchmarks.md), and a part is still far more data than a request's latency costs.
+`PART` bytes in flight together: against S3 one connection carries ~100 MB/s, so several streams per file
+fetch it faster, and a part is still far more data than a request's latency costs (on loopback, where
+one stream is fast, 32 MB parts measured as fast as one GET per file: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Mapping
 from .range_reads import IN_FLIGHT, Span, read_spans
 from .storage import Storage
 
-PART = 8 << 20
+PART = 32 << 20
 
 
 class _Pending:
