@@ -52,14 +52,21 @@ def trainer_config(model: Path, cache: Path, out: Path, cfg: dict[str, Any]) -> 
 
 
 def loader_segment(trainer: Any, url: str, cfg: dict[str, Any], train: bool = True, steps: int | None = None,
-                   opts: dict[str, Any] | None = None, read_ahead: int = 0) -> dict[str, Any]:
-    """Steps through the real loader: per-step wait and total seconds after warm-up; worker start-up time."""
+                   opts: dict[str, Any] | None = None, read_ahead: int = 0, window: Any = None) -> dict[str, Any]:
+    """Steps through the real loader: per-step wait and total seconds after warm-up; worker start-up time.
+    `window` (a `ShardWindow`): the shard-window order and its whole-file reads and prefetch, as the
+    trainer sets them up for a cache on an object store."""
     from latentforge.train.data import build_loader
-    from latentforge.train.sampler import MicroBatchSampler
+    from latentforge.train.sampler import GlobalBucketSchedule, MicroBatchSampler
 
-    dataset = CachedBatches(url, opts or {}, trainer.samples.train_rows, read_ahead)
-    sampler = MicroBatchSampler(trainer.schedule, trainer.state, 0, 1, cfg["micro"])
-    loader = build_loader(dataset, sampler, trainer.config)
+    whole = window.files_kept(cfg["micro"]) if window is not None else 0
+    horizon = window.horizon(cfg["micro"], cfg["micro"], 1, cfg["workers"]) if window is not None else 0
+    schedule = (GlobalBucketSchedule(trainer.samples.bucket_sizes, cfg["micro"], trainer.config.train.seed, window)
+                if window is not None else trainer.schedule)
+    state = schedule.initial_state() if window is not None else trainer.state
+    dataset = CachedBatches(url, opts or {}, trainer.samples.train_rows, read_ahead, whole_shards=whole)
+    sampler = MicroBatchSampler(schedule, state, 0, 1, cfg["micro"])
+    loader = build_loader(dataset, sampler, trainer.config, horizon)
     steps = cfg["steps"] if steps is None else steps
     waits, totals = [], []
     t_start = time.perf_counter()
@@ -73,7 +80,8 @@ def loader_segment(trainer: Any, url: str, cfg: dict[str, Any], train: bool = Tr
             first = t1 - t_start
         if train:
             trainer.train_step(batch)
-            trainer.state = trainer.schedule.advance(trainer.state)
+            if window is None:
+                trainer.state = trainer.schedule.advance(trainer.state)
         t2 = time.perf_counter()
         if i >= cfg["warmup"]:
             waits.append(t1 - t0)
@@ -169,18 +177,21 @@ def run(size: str, workdir: Path) -> dict[str, Any]:
         capacity[kind] = cfg["micro"] * len(seg["totals"]) / sum(seg["totals"])
 
     # The same steps reading the random cache from an object store that answers each request after 20 ms
-    # (loopback moto, `devkit/object_store.py`), with the trainer's default read-ahead for remote caches.
+    # (loopback moto, `devkit/object_store.py`), as the trainer reads a remote cache by default: read-ahead,
+    # shard-window order (window of 2 shard files), whole shard files prefetched.
     import os
 
     from latentforge.devkit.object_store import loopback_s3, upload_tree
+    from latentforge.train.data import shard_window_for
 
     os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
     os.environ.pop("AWS_PROFILE", None)
     with loopback_s3() as server:
         upload_tree(server.endpoint, str(caches["random"]), "s3://bench/cache")
         server.latency_s = 0.02
+        window = shard_window_for(trainer.cache, trainer.samples.train_rows, 2)
         remote = loader_segment(trainer, "s3://bench/cache", cfg, opts={"endpoint_url": server.endpoint},
-                                read_ahead=cfg["remote_read_ahead"])
+                                read_ahead=cfg["remote_read_ahead"], window=window)
     remote_share = sum(remote["waits"]) / sum(remote["totals"])
 
     figs: dict[str, dict[str, float]] = {}
@@ -201,7 +212,8 @@ def run(size: str, workdir: Path) -> dict[str, Any]:
             f"{rnd['median_wait_ms']:.2f} ms, max {rnd['max_wait_ms']:.1f} ms, step {rnd['step_s_with_loader']:.3f} s"),
         row("loader share of step time, cache on an object store at 20 ms per request", 100 * remote_share, "%",
             "<= 2 %", remote_share <= 0.02,
-            f"{len(remote['totals'])} steps, {cfg['workers']} workers, read-ahead {cfg['remote_read_ahead']}; median wait "
+            f"{len(remote['totals'])} steps, {cfg['workers']} workers, read-ahead {cfg['remote_read_ahead']}, shard-window "
+            f"order (2 files), whole files; median wait "
             f"{1e3 * median(remote['waits']):.2f} ms, max {1e3 * max(remote['waits']):.1f} ms, worker start "
             f"{remote['first_batch_s']:.1f} s"),
         row("  step time with loader / with batches in memory (random)", rnd["step_time_vs_in_memory"], "x", "", None,

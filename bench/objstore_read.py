@@ -4,18 +4,20 @@ The cache (SDXL shapes, `bench.common.write_cache`, blosc-lz4) is copied to an S
 loopback (moto, `devkit/object_store.py`) that waits `latency` before answering each request, on its
 own thread per request, as a remote store does (20 ms and 50 ms: the range measured for S3/R2 from
 another region or a busy bucket). One DataLoader worker's work is timed: `CachedBatches` (the
-trainer's dataset) reading random micro-batches of one bucket, with the read-ahead a worker gets for a
-remote cache (`train.read_ahead`, default 16), and with none, for comparison. Shard indexes are
-fetched during a warm-up pass, as a training run does once per worker.
+trainer's dataset) reading one epoch of micro-batches of one bucket as the trainer does for a remote
+cache: the shard-window order (`train.shuffle: shard_window`), whole shard files kept in memory, the
+next window's files prefetched, read-ahead 16. Beside it: the global order (random rows, one ranged
+GET per row, shard indexes fetched in a warm-up pass as a worker does once) with and without
+read-ahead, and with `train.read_through_dir` copies warm.
 
-Figure `objstore_vs_local_20ms`: remote samples/s at 20 ms / local samples/s, per worker. What limits
-it: requests per micro-batch (one round of merged ranges, all in flight together) times latency over the
-read-ahead depth, and on this 2-core machine, moto's own CPU cost per request (it is a Python server
-sharing the cores with the reader).
+Figure `objstore_vs_local_20ms`: remote samples/s at 20 ms (shard-window order) / local samples/s
+(global order), per worker. What limits it: bytes per second through the HTTP client and moto's
+server, both Python and on the reader's cores here (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import time
@@ -27,13 +29,14 @@ import numpy as np
 from .common import SDXL_BUCKET, SampleSource, cli, row, sdxl_spec, write_cache
 
 SIZES = {
-    "full": {"samples": 1024, "micro": 4, "batches": 96, "ahead": 16, "latencies": (0.02, 0.05)},
-    "smoke": {"samples": 16, "micro": 2, "batches": 4, "ahead": 4, "latencies": (0.02,)},
+    "full": {"samples": 1024, "micro": 4, "batches": 96, "ahead": 16, "latencies": (0.02, 0.05), "window_shards": 2},
+    "smoke": {"samples": 16, "micro": 2, "batches": 4, "ahead": 4, "latencies": (0.02,), "window_shards": 2},
 }
 GOAL = 0.5
 
 
 def _plan(n: int, micro: int, batches: int, seed: int) -> list[Any]:
+    """`batches` micro-batches of random rows: the global order's reads (one worker, one rank)."""
     from latentforge.train.sampler import MicroBatch
 
     rng = np.random.default_rng(seed)
@@ -41,24 +44,48 @@ def _plan(n: int, micro: int, batches: int, seed: int) -> list[Any]:
             for step in range(batches)]
 
 
-def worker_samples_per_s(url: str, opts: dict[str, Any], n: int, cfg: dict[str, Any], ahead: int,
-                         seed: int, read_through: tuple[str, int] | None = None) -> float:
-    """One worker's samples/s through `CachedBatches`, after a warm-up pass over every shard index
-    (and, with `read_through`, once the shard files touched in it have been copied)."""
+def window_plan(cache: str, n: int, micro: int, shards: int, seed: int) -> tuple[list[Any], int, int]:
+    """One epoch of the shard-window order (`train.shuffle: shard_window`) for one worker, the shard
+    files per field the worker keeps (`whole_shards`) and its prefetch horizon in micro-batches."""
+    from latentforge.shared.cache_reader import CacheReader
+    from latentforge.train.data import shard_window_for
+    from latentforge.train.sampler import GlobalBucketSchedule
+
+    reader = CacheReader(cache)
+    window = shard_window_for(reader, {SDXL_BUCKET: np.arange(n)}, shards)
+    reader.close()
+    sched = GlobalBucketSchedule({SDXL_BUCKET: n}, micro, seed, window)
+    plan = list(itertools.islice(sched.micro_batches(sched.initial_state(), 0, 1, micro), sched.steps_per_epoch))
+    return plan, window.files_kept(micro), window.horizon(micro, micro, 1, 1)
+
+
+def worker_samples_per_s(url: str, opts: dict[str, Any], n: int, plan: list[Any], ahead: int,
+                         read_through: tuple[str, int] | None = None, whole_shards: int = 0,
+                         server: Any = None, horizon: int = 0) -> tuple[float, Any]:
+    """One worker's samples/s through `CachedBatches` over `plan`. Ranged reads first take a warm-up pass
+    over every shard index (and, with `read_through`, wait until the shard files touched in it have been
+    copied), as a worker does once; whole-file reads (`whole_shards`) take none: a file's index comes
+    with it, so the timed pass pays for every byte it reads. Also returns what `server` (the loopback
+    store) saw during the timed pass."""
     from latentforge.train.data import CachedBatches
     from latentforge.train.read_ahead import ReadAheadSampler
 
-    dataset = CachedBatches(url, opts, {SDXL_BUCKET: np.arange(n)}, ahead, read_through)
-    # Warm-up: open the cache and touch every shard (indexes kept), as the first steps of a run do.
-    dataset[_plan(n, min(n, 64), 1, seed + 1)[0]]
+    dataset = CachedBatches(url, opts, {SDXL_BUCKET: np.arange(n)}, ahead, read_through, whole_shards=whole_shards)
+    if whole_shards:  # open the cache and load the small fields (read whole, once per worker)
+        reader = dataset.reader()
+        small = [f.spec.name for f in reader._layout(SDXL_BUCKET, None) if f.tensor and not f.per_row]
+        reader.read_rows(SDXL_BUCKET, np.arange(n), fields=small)
+    else:  # open the cache and touch every shard (indexes kept), as the first steps of a run do
+        dataset[_plan(n, min(n, 64), 1, 99)[0]]
     copies = dataset.reader()._rows.read_through
     if copies is not None:  # the epoch-2 state: wait for the copies queued by the warm-up pass
         deadline = time.monotonic() + 300
         while copies._queued and time.monotonic() < deadline:
             time.sleep(0.05)
-        dataset[_plan(n, min(n, 64), 1, seed + 1)[0]]
-    plan = _plan(n, cfg["micro"], cfg["batches"], seed)
-    items = list(ReadAheadSampler(plan, 1, ahead)) if ahead else plan
+        dataset[_plan(n, min(n, 64), 1, 99)[0]]
+    items = list(ReadAheadSampler(plan, 1, ahead, horizon)) if ahead else plan
+    if server is not None:
+        server.reset_stats()
     t = time.perf_counter()
     for item in items:
         dataset[item]
@@ -66,21 +93,24 @@ def worker_samples_per_s(url: str, opts: dict[str, Any], n: int, cfg: dict[str, 
     if dataset._ahead is not None:
         dataset._ahead.close()
     dataset.reader().close()
-    return cfg["micro"] * len(plan) / elapsed
+    return sum(len(mb.items) for mb in plan) / elapsed, server.reset_stats() if server is not None else None
 
 
 def run(size: str, workdir: Path) -> dict[str, Any]:
     from latentforge.devkit.object_store import loopback_s3, upload_tree
 
     cfg = SIZES[size]
-    n = cfg["samples"]
+    n, micro = cfg["samples"], cfg["micro"]
     cache = workdir / "cache"
     shutil.rmtree(cache, ignore_errors=True)
     write_cache(cache, sdxl_spec("blosc-lz4"), SampleSource("random"), n, rows_per_group=min(n, 512))
     # moto accepts any credentials; fixed ones keep a user's real keys away from the loopback server.
     os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
     os.environ.pop("AWS_PROFILE", None)
-    local = worker_samples_per_s(str(cache), {}, n, cfg, 0, seed=1)
+    # Local: the global order (train.shuffle: auto on a local disk), one epoch of micro-batches.
+    local, _ = worker_samples_per_s(str(cache), {}, n, _plan(n, micro, n // micro, 1), 0)
+    local_window_plan, whole, horizon = window_plan(str(cache), n, micro, cfg["window_shards"], 5)
+    local_window, _ = worker_samples_per_s(str(cache), {}, n, local_window_plan, 0)
     remote: dict[str, dict[str, float]] = {}
     with loopback_s3() as server:
         upload_tree(server.endpoint, str(cache), "s3://bench/cache")
@@ -88,30 +118,40 @@ def run(size: str, workdir: Path) -> dict[str, Any]:
         for latency in cfg["latencies"]:
             server.latency_s = latency
             ms = f"{latency * 1e3:.0f}ms"
-            server.reset_stats()
-            with_ahead = worker_samples_per_s("s3://bench/cache", opts, n, cfg, cfg["ahead"], seed=2)
-            stats = server.reset_stats()
-            without = worker_samples_per_s("s3://bench/cache", opts, n, cfg, 0, seed=3)
-            copies = worker_samples_per_s("s3://bench/cache", opts, n, cfg, cfg["ahead"], seed=4,
+            plan, _, _ = window_plan(str(cache), n, micro, cfg["window_shards"], 2)
+            window, wstats = worker_samples_per_s("s3://bench/cache", opts, n, plan, cfg["ahead"], whole_shards=whole,
+                                                  server=server, horizon=horizon)
+            ranged = _plan(n, micro, cfg["batches"], 3)
+            global_order, gstats = worker_samples_per_s("s3://bench/cache", opts, n, ranged, cfg["ahead"], server=server)
+            without, _ = worker_samples_per_s("s3://bench/cache", opts, n, _plan(n, micro, cfg["batches"], 4), 0)
+            copies, _ = worker_samples_per_s("s3://bench/cache", opts, n, _plan(n, micro, cfg["batches"], 6), cfg["ahead"],
                                           read_through=(str(workdir / f"copies-{ms}"), 100 << 30))
             shutil.rmtree(workdir / f"copies-{ms}", ignore_errors=True)
-            remote[ms] = {"samples_per_s": with_ahead, "no_read_ahead_samples_per_s": without,
-                          "read_through_samples_per_s": copies, "read_through_vs_local": copies / local,
-                          "vs_local": with_ahead / local, "gets_per_micro_batch": len(stats.gets) / cfg["batches"],
-                          "max_in_flight": stats.max_in_flight}
+            remote[ms] = {"samples_per_s": window, "vs_local": window / local,
+                          "gets_per_micro_batch": len(wstats.gets) / len(plan), "max_in_flight": wstats.max_in_flight,
+                          "global_order_samples_per_s": global_order, "global_order_vs_local": global_order / local,
+                          "global_order_gets_per_micro_batch": len(gstats.gets) / len(ranged),
+                          "global_order_max_in_flight": gstats.max_in_flight,
+                          "no_read_ahead_samples_per_s": without,
+                          "read_through_samples_per_s": copies, "read_through_vs_local": copies / local}
     shutil.rmtree(cache, ignore_errors=True)
     table = [row("local cache, one worker, samples/s", local, "samples/s", "", None,
-                 f"micro-batch {cfg['micro']}, {n} samples, blosc-lz4, SDXL shapes")]
+                 f"global order, micro-batch {micro}, {n} samples, blosc-lz4, SDXL shapes; shard-window order "
+                 f"{local_window:.0f} samples/s")]
     for ms, r in remote.items():
         goal = ms == "20ms"
-        table.append(row(f"object store at {ms} per request vs local, per worker", r["vs_local"], "x",
+        table.append(row(f"object store at {ms} per request vs local, per worker (shard-window order)", r["vs_local"], "x",
                          f">= {GOAL}x" if goal else "", (r["vs_local"] >= GOAL) if goal else None,
-                         f"{r['samples_per_s']:.0f} samples/s with read-ahead {cfg['ahead']}, "
-                         f"{r['no_read_ahead_samples_per_s']:.0f} without; {r['gets_per_micro_batch']:.1f} GETs per "
-                         f"micro-batch, up to {r['max_in_flight']} in flight"))
-        table.append(row(f"  with train.read_through_dir, shard files copied (epoch 2 on), {ms}", r["read_through_vs_local"],
-                         "x", "", None, f"{r['read_through_samples_per_s']:.0f} samples/s"))
-    return {"name": "objstore_read", "table": table, "config": dict(cfg), "local_samples_per_s": local, "remote": remote,
+                         f"{r['samples_per_s']:.0f} samples/s, window {cfg['window_shards']} shard files, whole files "
+                         f"(up to {whole} per field kept); {r['gets_per_micro_batch']:.2f} GETs per micro-batch"))
+        table.append(row(f"  global order, ranged reads, {ms}", r["global_order_vs_local"], "x", "", None,
+                         f"{r['global_order_samples_per_s']:.0f} samples/s with read-ahead {cfg['ahead']}, "
+                         f"{r['no_read_ahead_samples_per_s']:.0f} without; {r['global_order_gets_per_micro_batch']:.1f} "
+                         f"GETs per micro-batch, up to {r['global_order_max_in_flight']} in flight"))
+        table.append(row(f"  global order with train.read_through_dir, shard files copied (epoch 2 on), {ms}",
+                         r["read_through_vs_local"], "x", "", None, f"{r['read_through_samples_per_s']:.0f} samples/s"))
+    return {"name": "objstore_read", "table": table, "config": dict(cfg), "local_samples_per_s": local,
+            "local_shard_window_samples_per_s": local_window, "whole_shards": whole, "remote": remote,
             "summary": {"objstore_vs_local_20ms": remote.get("20ms", {}).get("vs_local"),
                         "objstore_read_through_vs_local_20ms": remote.get("20ms", {}).get("read_through_vs_local")}}
 

@@ -207,7 +207,12 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     if img.mode != "RGB":
         raise ValueError(f"expected an RGB image, got mode {img.mode}; decode with decode_image()")
     # np.array (not asarray) gives a writable copy, which torch.from_numpy requires to avoid a warning.
-    arr = np.array(img, dtype=np.uint8)
+    return u8_to_tensor(np.array(img, dtype=np.uint8))
+
+
+def u8_to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """`(H, W, 3)` uint8 pixels (writable) to `to_tensor`'s float32 `(3, H, W)` in [-1, 1], bit for bit: the
+    one conversion both the thread and the process preparation paths use."""
     return torch.from_numpy(arr).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 

@@ -27,7 +27,7 @@ import torch
 
 from latentforge.preprocess.buckets import buckets_by_resolution, generate_bucket_set
 from latentforge.preprocess.cache_writer import CacheWriter
-from latentforge.preprocess.overlap import WriteBehind, ordered_map
+from latentforge.preprocess.overlap import WriteBehind, ordered_map, timed_reads, waited
 from latentforge.shared.cache_fingerprint import (
     UPSCALE_WEIGHT_SETTINGS,
     compute_fingerprint,
@@ -51,6 +51,7 @@ from .generate import generate_class_images, generate_sources
 from .images import SkipSample
 from .model_source import pinned_config, resolve_model_sources
 from .prepare import Prepared, Preparer, method_code
+from .prepare_pool import PreparePool
 from .report import ShardStats, print_summary, write_summary
 from .source_checks import SkipCounter
 from .sources import ShardRef, iter_shard, list_shards
@@ -89,6 +90,11 @@ class CacheJob:
         self.spec = self._build_spec()
         self.writer = CacheWriter(config.cache.path, self.spec, dict(config.cache.storage_options), overwrite=overwrite)
         self.preparer = Preparer(config, self.resolutions, self.upscaler)
+        # Worker processes for preparation; an upscale model keeps it on threads (the model is on this device).
+        procs = config.cache.prepare_processes if self.upscaler is None or not self.upscaler.uses_model else 0
+        self.prepare_pool = PreparePool(config, self.resolutions, procs) if procs else None
+        if self.prepare_pool is not None:
+            self.prepare_pool.start()  # boots while the writer opens; `run` waits before the first shard
         self.overwrite = overwrite
         self.failed_shards: list[str] = []
 
@@ -179,28 +185,37 @@ class CacheJob:
         except SkipSample as exc:
             return exc, time.perf_counter() - t
 
+    def _prepared(self, raws: Iterable[Any]) -> Iterator[tuple[Any, list[Prepared] | SkipSample, float]]:
+        """`(raw, items or SkipSample, seconds)` in input order, prepared ahead of the encoder on worker
+        processes (`cache.prepare_processes`) or threads (`cache.workers`)."""
+        workers = self.config.cache.workers
+        if self.prepare_pool is not None:  # as many samples ahead as the threads would have
+            yield from self.prepare_pool.map(raws, ahead=4 * max(workers, self.prepare_pool.processes))
+            return
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prepare") as pool:
+            for raw, future in ordered_map(pool, self._timed_prepare, raws, ahead=4 * workers):
+                yield raw, *future.result()
+
     def _prepare_encode_write(self, reader: Any, group: Any, writes: WriteBehind, stats: ShardStats,
                               skips: SkipCounter) -> None:
-        """Prepare samples on worker threads (ahead of the encoder), encode full bucket batches, hand
-        their rows to the write thread."""
+        """Prepare samples ahead of the encoder (`_prepared`), encode full bucket batches, hand their rows
+        to the write thread."""
         cfg = self.config
         pending: dict[tuple[int, int], list[Prepared]] = {}
-        with ThreadPoolExecutor(max_workers=cfg.cache.workers, thread_name_prefix="prepare") as pool:
-            for raw, future in ordered_map(pool, self._timed_prepare, _timed(reader, stats), ahead=4 * cfg.cache.workers):
-                result, seconds = future.result()
-                stats.add("prepare", seconds)
-                stats.seen += 1
-                if isinstance(result, SkipSample):
-                    skips.skip(result.reason, f"{raw.key}: {result.detail}")
-                    continue
-                for item in result:
-                    stats.count_upscale(item.upscale_method)
-                    batch = pending.setdefault(item.bucket, [])
-                    batch.append(item)
-                    if len(batch) >= cfg.cache.batch_size:
-                        self._encode_and_add(group, item.bucket, pending.pop(item.bucket), stats, skips, writes)
-            for bucket in sorted(pending):
-                self._encode_and_add(group, bucket, pending[bucket], stats, skips, writes)
+        for raw, result, seconds in waited(self._prepared(timed_reads(reader, stats)), stats):
+            stats.add("prepare", seconds)
+            stats.seen += 1
+            if isinstance(result, SkipSample):
+                skips.skip(result.reason, f"{raw.key}: {result.detail}")
+                continue
+            for item in result:
+                stats.count_upscale(item.upscale_method)
+                batch = pending.setdefault(item.bucket, [])
+                batch.append(item)
+                if len(batch) >= cfg.cache.batch_size:
+                    self._encode_and_add(group, item.bucket, pending.pop(item.bucket), stats, skips, writes)
+        for bucket in sorted(pending):
+            self._encode_and_add(group, bucket, pending[bucket], stats, skips, writes)
 
     def _encode_and_add(self, group: Any, bucket: tuple[int, int], items: list[Prepared], stats: ShardStats,
                         skips: SkipCounter, writes: WriteBehind) -> None:
@@ -249,23 +264,29 @@ class CacheJob:
         from tqdm import tqdm
 
         bar = tqdm(total=len(shards), desc=f"cache rank {self.rank}", unit="shard", position=self.rank, disable=None)
-        while (index := claim()) < len(shards):
-            ref = shards[index]
-            source = sources[ref.source_index]
-            # Done only if it also records this source as now written: the trainer finds sources by path.
-            if (self.writer.is_done(ref.group_id, current[ref.group_id], committed)
-                    and committed[ref.group_id].origin == SourceOrigin.of(ref.source_index, source.type, source.path)
-                    and duplicate_owners_unchanged(committed[ref.group_id], current)):
+        try:
+            if self.prepare_pool is not None:
+                self.prepare_pool.wait_ready()
+            while (index := claim()) < len(shards):
+                ref = shards[index]
+                source = sources[ref.source_index]
+                # Done only if it also records this source as now written: the trainer finds sources by path.
+                if (self.writer.is_done(ref.group_id, current[ref.group_id], committed)
+                        and committed[ref.group_id].origin == SourceOrigin.of(ref.source_index, source.type, source.path)
+                        and duplicate_owners_unchanged(committed[ref.group_id], current)):
+                    bar.update(1)
+                    continue
+                manifest = self.cache_shard(ref, source)
                 bar.update(1)
-                continue
-            manifest = self.cache_shard(ref, source)
-            bar.update(1)
-            if manifest is None:
-                self.failed_shards.append(ref.display_url)
-                continue
-            done.append(manifest)
-            _fault_point(len(done))
-            bar.set_postfix(samples=manifest.num_samples, skipped=sum(v["count"] for v in manifest.skipped.values()))
+                if manifest is None:
+                    self.failed_shards.append(ref.display_url)
+                    continue
+                done.append(manifest)
+                _fault_point(len(done))
+                bar.set_postfix(samples=manifest.num_samples, skipped=sum(v["count"] for v in manifest.skipped.values()))
+        finally:
+            if self.prepare_pool is not None:  # on an error too: no worker process outlives the job
+                self.prepare_pool.close()
         bar.close()
         return done
 
@@ -288,20 +309,6 @@ def sidecar_name(config: Config) -> str | None:
 def _load_error(key: str, value: str, what: str, exc: BaseException) -> ConfigError:
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
     return ConfigError(f"config error: {key}: cannot load the {what} from {value!r} ({first})")
-
-
-def _timed(reader: Iterable[Any], stats: ShardStats) -> Iterator[Any]:
-    """Charge the time spent pulling samples out of the shard (network, tar parsing) to `read`."""
-    it = iter(reader)
-    while True:
-        t = time.perf_counter()
-        try:
-            item = next(it)
-        except StopIteration:
-            stats.add("read", time.perf_counter() - t)
-            return
-        stats.add("read", time.perf_counter() - t)
-        yield item
 
 
 def _fault_point(commits: int) -> None:

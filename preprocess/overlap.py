@@ -6,7 +6,8 @@ batch meanwhile. The encoder is the expensive part of the cache job; compressing
 the GIL) can run beside it. One write at a time, in submission order (rows land in a group's arrays in
 the order they were encoded); at most one batch is waiting, which bounds the memory held to two batches.
 `wait()` before anything that needs the writes done (flush, commit, abort); an error of a write is
-raised there, in the job's thread.
+raised there, in the job's thread. `timed_reads` and `waited` charge the job thread's time reading the
+shard and waiting for prepared samples to the shard's stats (`read`, `prepare_wait`).
 """
 
 from __future__ import annotations
@@ -69,3 +70,31 @@ class WriteBehind:
             self.wait()
         finally:
             self._pool.shutdown(wait=True)
+
+
+def timed_reads(reader: Iterable[Any], stats: Any) -> Iterator[Any]:
+    """Charge the time spent pulling samples out of the shard (network, tar parsing) to `read`."""
+    it = iter(reader)
+    while True:
+        t = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            stats.add("read", time.perf_counter() - t)
+            return
+        stats.add("read", time.perf_counter() - t)
+        yield item
+
+
+def waited(prepared: Iterable[Any], stats: Any) -> Iterator[Any]:
+    """Charge the time the encoder's thread waits for the next prepared sample (its reading excluded) to
+    `prepare_wait`: what `cache_overlap` loses to preparation."""
+    it = iter(prepared)
+    while True:
+        t, read = time.perf_counter(), stats.seconds.get("read", 0.0)
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        stats.add("prepare_wait", max(0.0, time.perf_counter() - t - (stats.seconds.get("read", 0.0) - read)))
+        yield item

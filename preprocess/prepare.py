@@ -3,7 +3,9 @@
 One `RawSample` becomes one `Prepared` per configured resolution (and one more per resolution when
 flips are cached). The crop is planned on the ORIGINAL size, so `original_size` is always the size
 before any upscaling: the model must never learn that an upscaled image was natively that sharp.
-Runs in worker threads ahead of the encoders; PIL and torch release the GIL for the heavy parts.
+Runs in worker threads ahead of the encoders (PIL and torch release the GIL for the heavy parts), or in
+worker processes (`prepare_pool.py`), which get the pixels as uint8 and leave the float conversion to
+the job's process.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class Prepared:
     key: str
     caption: str
     bucket: tuple[int, int]
-    pixels: torch.Tensor  # (3, H, W) in [-1, 1]
+    pixels: torch.Tensor  # (3, H, W) in [-1, 1]; (H, W, 3) uint8 (np.ndarray) out of a worker process
     original_size: tuple[int, int]
     crop_top_left: tuple[int, int]
     content_hash: bytes
@@ -45,8 +47,10 @@ class Preparer:
     """Turns raw samples into `Prepared` items following the config's bucket, crop and upscale rules."""
 
     def __init__(self, config: Config, buckets_by_resolution: dict[int, tuple[tuple[int, int], ...]],
-                 upscaler: Upscaler | None) -> None:
+                 upscaler: Upscaler | None, *, uint8_pixels: bool = False) -> None:
+        """`uint8_pixels`: leave `Prepared.pixels` as `(H, W, 3)` uint8 (what a worker process sends back)."""
         self.config = config
+        self.pixels = (lambda im: np.array(im, dtype=np.uint8)) if uint8_pixels else to_tensor
         self.buckets = buckets_by_resolution
         self.upscaler = upscaler
         self.control = ControlMaker(config.cache.conditioning) if config.cache.conditioning.kind != "none" else None
@@ -74,11 +78,11 @@ class Preparer:
                 if self.upscaler is not None and cfg.upscale.enabled and needs_upscale(height, width, bucket, cfg.upscale.threshold):
                     source, method = self.upscaler.upscale(img, plan.resized)
             pixels = resize_and_crop(source, plan.resized, plan.crop_top_left, plan.target)
-            out.append(Prepared(raw.key, raw.caption, bucket, to_tensor(pixels), (height, width), plan.crop_top_left,
+            out.append(Prepared(raw.key, raw.caption, bucket, self.pixels(pixels), (height, width), plan.crop_top_left,
                                 digest, method, captions, self._control(pixels, sidecar, plan, False)))
             if cfg.cache.flip:
                 flipped, mirrored = plan.flip(), hflip(pixels)
-                out.append(Prepared(f"{raw.key}#flip", raw.caption, bucket, to_tensor(mirrored), (height, width),
+                out.append(Prepared(f"{raw.key}#flip", raw.caption, bucket, self.pixels(mirrored), (height, width),
                                     flipped.crop_top_left, digest, method, captions,
                                     self._control(mirrored, sidecar, plan, True)))
         return out

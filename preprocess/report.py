@@ -16,7 +16,8 @@ from latentforge.preprocess.cache_writer import CacheWriter
 from latentforge.shared.config import Config
 from latentforge.shared.families import ALT_SUFFIX
 
-PHASES = ("read", "prepare", "vae", "text", "write", "write_wait", "total")  # write: on the write thread
+# write: on the write thread; prepare: on workers; *_wait: the encoder's thread blocked on them
+PHASES = ("read", "prepare", "prepare_wait", "vae", "text", "write", "write_wait", "total")
 
 
 @dataclass
@@ -40,12 +41,44 @@ class ShardStats:
 
 
 def peak_host_mb() -> float:
-    """Peak resident host memory of this process so far, MB (what one cache rank needs of host RAM)."""
+    """Peak resident host memory of this process so far plus the peaks of its live child processes (the
+    image preparation workers, `cache.prepare_processes`), MB: what one cache rank needs of host RAM."""
     import resource
     import sys
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (1 << 20) if sys.platform == "darwin" else peak / 1024, 1)  # bytes on macOS, KiB on Linux
+    own = peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+    return round(own + _children_peak_kib() / 1024, 1)
+
+
+def _children_peak_kib() -> int:
+    """Sum of VmHWM (peak resident KiB) over this process's live descendants; 0 where /proc is missing."""
+    import os
+
+    total, frontier, seen = 0, [os.getpid()], set()
+    while frontier:
+        pid = frontier.pop()
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except OSError:
+                continue
+            for kid in kids:
+                if kid in seen:
+                    continue
+                seen.add(kid)
+                frontier.append(kid)
+                try:
+                    with open(f"/proc/{kid}/status") as f:
+                        total += next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+                except OSError:
+                    pass
+    return total
 
 
 def build_summary(writer: CacheWriter, config: Config, elapsed: float, world: int) -> dict[str, Any]:

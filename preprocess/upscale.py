@@ -140,6 +140,11 @@ class Upscaler:
             )
         self._face = face
 
+    @property
+    def uses_model(self) -> bool:
+        """Whether a super-resolution network was loaded (else small images are enlarged with Lanczos)."""
+        return self._sr is not None
+
     @classmethod
     def from_config(
         cls, config: UpscaleConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32

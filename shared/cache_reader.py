@@ -35,6 +35,7 @@ from .cache_format import (
 from .model_check import check_model_files
 from .read_through import ReadThroughCache
 from .row_reader import RowFieldReader
+from .shard_memory import ShardMemory
 from .storage import Storage
 
 _ALIGN = 64
@@ -56,9 +57,11 @@ class CacheReader:
     """An opened cache: its spec, committed groups, bucket counts and batched row reads."""
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *,
-                 read_through: tuple[str, int] | None = None) -> None:
+                 read_through: tuple[str, int] | None = None, whole_files: int = 0) -> None:
         """Open the cache at `url`. `read_through`: (folder, bytes) for local copies of the shard files of a
-        cache on an object store (`read_through.py`); ignored for a local cache."""
+        cache on an object store (`read_through.py`); `whole_files` > 0: read an object store's shard files
+        whole, keeping that many in memory (`shard_memory.py`, for the shard-window order). Both are
+        ignored for a local cache."""
         self.storage = Storage(url, storage_options)
         self.url = self.storage.url
         if not self.storage.exists(CACHE_JSON):
@@ -86,7 +89,8 @@ class CacheReader:
             self._bucket_offsets[name] = np.cumsum([0] + [self._by_id[i].bucket_counts[name] for i in ids])
         copies = (ReadThroughCache(self.storage, read_through[0], read_through[1])
                   if read_through and not self.storage.is_local else None)
-        self._rows = RowFieldReader(self.storage, self._by_id, read_through=copies)
+        memory = ShardMemory(self.storage, whole_files) if whole_files > 0 and not self.storage.is_local else None
+        self._rows = RowFieldReader(self.storage, self._by_id, read_through=copies, shard_memory=memory)
         # (bucket, field) -> (that field over all the bucket's rows, the group indexes loaded into it)
         self._small: dict[tuple[str, str], tuple[np.ndarray, set[int]]] = {}
         self._layouts: dict[tuple[tuple[int, int], tuple[str, ...] | None], list[_FieldLayout]] = {}
@@ -176,6 +180,18 @@ class CacheReader:
         self._rows.read_fields(big)
         return out
 
+    def prefetch(self, bucket: tuple[int, int], rows: Sequence[int] | np.ndarray, fields: Sequence[str] | None = None) -> None:
+        """Start fetching, in the background, the whole shard files a later `read_rows` of these rows will
+        need (only when reading whole files, `whole_files`; otherwise nothing). Never raises: a failed
+        prefetch leaves the read to fetch, and report, on its own."""
+        if self._rows.shard_memory is None or not len(rows):
+            return
+        name = bucket_name(bucket)
+        gidx, local = self.locate(bucket, rows)
+        jobs = [(self._bucket_groups[name], name, f.spec, gidx, local)
+                for f in self._layout(bucket, tuple(fields) if fields is not None else None) if f.tensor and f.per_row]
+        self._rows.prefetch(jobs)
+
     def _layout(self, bucket: tuple[int, int], fields: tuple[str, ...] | None) -> list[_FieldLayout]:
         """Per-row shape, size and kind of each requested field in a bucket; computed once, reads are hot."""
         key = (bucket, fields)
@@ -192,6 +208,14 @@ class CacheReader:
                 for spec in specs
             ]
         return layout
+
+    def shard_numbers(self, bucket: tuple[int, int], rows: Iterable[int]) -> np.ndarray:
+        """A number per row of a bucket naming the shard file that holds it (group, row // shard_rows):
+        what the shard-window order groups rows by."""
+        gidx, local = self.locate(bucket, rows)
+        per_group = -(-int(max(self._by_id[g].bucket_counts[bucket_name(bucket)] for g in self._bucket_groups[bucket_name(bucket)]))
+                      // self.spec.shard_rows)
+        return gidx * per_group + local // self.spec.shard_rows
 
     def group_ids(self, bucket: tuple[int, int], rows: Iterable[int]) -> list[str]:
         """The group (input shard) each row of a bucket came from."""
@@ -292,6 +316,7 @@ class CacheReader:
         return problems
 
     def close(self) -> None:
+        self._rows.close()
         self.storage.close()
 
 

@@ -273,6 +273,10 @@ class CacheConfig(_Section):
     )
 
     workers: int = Field(default=2, ge=1, description="Threads decoding/resizing/upscaling ahead of the encoders.")
+    prepare_processes: int = Field(
+        default=0, ge=0, description="Worker processes (spawned) decoding, resizing and making control images "
+        "ahead of the encoders instead of the `workers` threads (0: threads). The cache is bit for bit the same; "
+        "a model upscaler (upscale.enabled) keeps preparation on threads.")
     max_skip_fraction: float = Field(
         default=0.5, ge=0, le=1, description="Exit non-zero (after committing all work) if more samples are skipped."
     )

@@ -244,3 +244,11 @@ class TrainConfig(_Section):
         "later epochs read at local-disk speed (several workers and ranks may share it).")
     read_through_gb: float = Field(default=100.0, gt=0, description="Most GB read_through_dir may hold; least "
                                    "recently used copies are deleted beyond it.")
+    shuffle: Literal["auto", "global", "shard_window"] = Field(
+        default="auto", description="Sample order within an epoch. global: every bucket shuffled as a whole (one "
+        "request per row on an object store). shard_window: shard files shuffled, rows shuffled within windows of "
+        "shuffle_window_shards files, each file fetched whole once per worker (docs/training.md). auto: "
+        "shard_window when cache.path is on an object store and no source sets a weight, else global.")
+    shuffle_window_shards: int = Field(
+        default=2, ge=1, description="shuffle: shard_window: shard files per window. More mixes rows of more files "
+        "but each DataLoader worker keeps about 2 x this + 2 shard files per field in memory (two windows).")

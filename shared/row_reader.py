@@ -5,13 +5,16 @@ array (129 samples/s, ten times slower than one `.npz` per sample). A big field 
 inside shard files of `shard_rows` rows, so a row is one byte range: this module parses each shard
 file's index once (the standard sharding-codec index at the end of the file, crc32c-checked), then
 decodes each row straight from a read-only mapping of the file (local disks) or, for object stores, from
-merged ranges fetched in one concurrent round per batch (`range_reads.py`) into the caller's batch buffer. `CacheReader` owns one per opened cache.
+merged ranges fetched in one concurrent round per batch (`range_reads.py`) into the caller's batch buffer,
+or, with a `ShardMemory` (shard-window order), from whole shard files kept in memory, each fetched with
+one request (its index parsed from its tail). `CacheReader` owns one per opened cache.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +25,7 @@ import numpy as np
 from .cache_format import SHARDS_DIR, CacheFormatError, FieldSpec, GroupManifest
 from .range_reads import IN_FLIGHT, Span, coalesce, read_spans
 from .read_through import ReadThroughCache
+from .shard_memory import ShardMemory
 from .storage import Storage
 
 _EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -62,12 +66,14 @@ class RowFieldReader:
     """Per-row reads of big fields for one cache: shard indexes parsed once, then kept."""
 
     def __init__(self, storage: Storage, manifests: Mapping[str, GroupManifest], in_flight: int = IN_FLIGHT,
-                 read_through: ReadThroughCache | None = None) -> None:
+                 read_through: ReadThroughCache | None = None, shard_memory: ShardMemory | None = None) -> None:
         self.storage = storage
         self.manifests = manifests
         self.in_flight = in_flight
         self.read_through = read_through  # object stores: local copies of shard files (`read_through.py`)
+        self.shard_memory = shard_memory  # object stores: whole shard files in memory (`shard_memory.py`)
         self._arrays: dict[tuple[str, str, str], _RowArray] = {}
+        self._prefetcher: ThreadPoolExecutor | None = None  # one thread: whole-file prefetches, in order
 
     def read(self, groups: Sequence[str], name: str, spec: FieldSpec, gidx: np.ndarray, local: np.ndarray,
              out: np.ndarray) -> None:
@@ -82,6 +88,9 @@ class RowFieldReader:
             for pos, (gi, lr) in enumerate(zip(gidx, local, strict=True)):
                 ra = self._row_array(groups[gi], name, spec)
                 where.append((ra, *divmod(int(lr), ra.shard_rows), out[pos]))
+        if not self.storage.is_local and self.shard_memory is not None:
+            self._read_whole_files(where)
+            return
         if not self.storage.is_local:
             self._fetch_indexes({(ra.rel, shard): (ra, shard) for ra, shard, _, _ in where if shard not in ra.indexes})
         # (file, offset, nbytes) and (array, target row) for every stored row.
@@ -116,6 +125,73 @@ class RowFieldReader:
                 ra, target = targets[i]
                 self._decode_row(ra, file, view[offset - span.start: offset - span.start + nbytes], target)
 
+    def prefetch(self, jobs: Sequence[tuple[Sequence[str], str, FieldSpec, np.ndarray, np.ndarray]]) -> None:
+        """Queue a background fetch of the whole shard files holding these rows (`read_fields` jobs
+        without their targets) into the shard memory."""
+        if self.shard_memory is None:
+            return
+        if self._prefetcher is None:
+            self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lf-shard-prefetch")
+        self._prefetcher.submit(self._prefetch_now, jobs)
+
+    def _prefetch_now(self, jobs: Sequence[tuple[Sequence[str], str, FieldSpec, np.ndarray, np.ndarray]]) -> None:
+        assert self.shard_memory is not None
+        try:
+            sizes = {}
+            for groups, name, spec, gidx, local in jobs:
+                for gi, lr in {(int(g), int(r)) for g, r in zip(gidx, local, strict=True)}:
+                    ra = self._row_array(groups[gi], name, spec)
+                    shard = lr // ra.shard_rows
+                    sizes[ra.shard_file(shard)] = self._committed_size(ra, shard)
+            self.shard_memory.get_many(sizes)
+        except Exception:  # noqa: BLE001 - the read itself fetches again and reports a lasting failure
+            pass
+
+    def close(self) -> None:
+        """Stop the prefetch thread (queued prefetches are dropped)."""
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=False, cancel_futures=True)
+            self._prefetcher = None
+
+    def _read_whole_files(self, where: Sequence[tuple[_RowArray, int, int, np.ndarray]]) -> None:
+        """Rows decoded from whole shard files: local copies (read-through) where there are, else the
+        files kept in (or fetched into) the shard memory, all missing ones in one round."""
+        assert self.shard_memory is not None
+        blobs: dict[str, Any] = {}
+        sizes: dict[str, int] = {}
+        for ra, shard, _, _ in where:
+            rel = ra.shard_file(shard)
+            if rel in blobs or rel in sizes:
+                continue
+            size = self._committed_size(ra, shard)
+            local = self.read_through.mapped(rel, size) if self.read_through is not None else None
+            if local is None:
+                sizes[rel] = size
+            else:
+                blobs[rel] = local
+        blobs.update(self.shard_memory.get_many(sizes))
+        for ra, shard, within, target in where:
+            rel = ra.shard_file(shard)
+            blob = memoryview(blobs[rel])
+            index = ra.indexes.get(shard)
+            if index is None:
+                index = ra.indexes[shard] = self._parse_index(ra, shard, bytes(blob[-(ra.shard_rows * 16 + 4):]))
+            offset, nbytes = index[within]
+            if offset == _EMPTY:
+                target[...] = 0
+                continue
+            self._decode_row(ra, rel, blob[int(offset): int(offset) + int(nbytes)], target)
+
+    def _committed_size(self, ra: _RowArray, shard: int) -> int:
+        """The size of a shard file as its group's manifest committed it (a missing entry: a changed cache)."""
+        rel = ra.shard_file(shard)
+        size = ra.expected_sizes.get(rel[len(ra.rel) + 1:])
+        if size is None:
+            raise CacheFormatError(f"{self.storage.path(rel)}: not in the manifest of cache group {rel.split('/')[1]}; "
+                                   f"the cache changed after commit: delete {_group_dir(self.storage, rel)} and "
+                                   "re-run the cache job")
+        return size
+
     def _fetch_indexes(self, wanted: Mapping[tuple[str, int], tuple[_RowArray, int]]) -> None:
         """Fetch the shard indexes a batch needs that are not kept yet, all in one concurrent round. The
         index sits at the end of the file, so its offset follows from the committed size: no request to
@@ -126,11 +202,7 @@ class RowFieldReader:
         requests = []
         for ra, shard in items:
             rel = ra.shard_file(shard)
-            size = ra.expected_sizes.get(rel[len(ra.rel) + 1:])
-            if size is None:
-                raise CacheFormatError(f"{self.storage.path(rel)}: not in the manifest of cache group {rel.split('/')[1]}; "
-                                       f"the cache changed after commit: delete {_group_dir(self.storage, rel)} and "
-                                       "re-run the cache job")
+            size = self._committed_size(ra, shard)
             nbytes = ra.shard_rows * 16 + 4
             requests.append((rel, size - nbytes, nbytes))
         spans = [Span(f, off, off + n, (i,)) for i, (f, off, n) in enumerate(requests)]

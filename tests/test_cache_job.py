@@ -179,3 +179,30 @@ def test_killed_run_resumes_without_duplicates_or_holes(demo_cache, tiny_sdxl, d
     for key in one:
         for field, value in one[key].items():
             assert np.array_equal(value, resumed[key][field]), (key, field)
+
+
+@pytest.mark.slow
+def test_preparation_in_worker_processes_gives_the_same_cache_and_skips_a_crash(demo_cache, tiny_sdxl, demo_data,
+                                                                                 tmp_path, monkeypatch):
+    # 2 spawned preparation processes instead of threads: bit for bit the same arrays.
+    cache = tmp_path / "procs"
+    config = load_config(DEMO, overrides(tiny_sdxl, demo_data, cache, "cache.latent_mode=dist", "cache.flip=true",
+                                         "cache.prepare_processes=2"))
+    assert run_cache(config) == 0
+    one, two = snapshot(demo_cache), snapshot(cache)
+    assert one.keys() == two.keys()
+    for key in one:
+        for field, value in one[key].items():
+            assert np.array_equal(value, two[key][field]), (key, field)
+    # A worker that dies on a sample: the pool restarts, that sample is skipped, the others are cached.
+    victim = CacheReader(str(cache)).keys(*next((b, [0]) for b in CacheReader(str(cache)).bucket_counts()))[0]
+    monkeypatch.setenv("LATENTFORGE_FAULT_PREPARE_CRASH_KEY", victim.removesuffix("#flip"))
+    crashed = tmp_path / "crashed"
+    config = load_config(DEMO, overrides(tiny_sdxl, demo_data, crashed, "cache.prepare_processes=1",
+                                         "cache.max_skip_fraction=1"))
+    assert run_cache(config) == 0
+    reader = CacheReader(str(crashed))
+    skipped = [json.loads(p.read_text())["skipped"] for p in (crashed / "shards").glob("*/commit.json")]
+    assert sum(s.get("prepare_crashed", {}).get("count", 0) for s in skipped) == 1
+    keys = {k for b, n in reader.bucket_counts().items() for k in reader.keys(b, list(range(n)))}
+    assert victim.removesuffix("#flip") not in keys and len(keys) == sum(reader.bucket_counts().values())

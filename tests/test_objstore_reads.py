@@ -151,3 +151,53 @@ def test_read_through_copies_serve_later_reads_locally_and_stay_bounded(small_ca
     finally:
         local.close()
         remote.close()
+
+
+@pytest.mark.slow
+def test_whole_shard_files_serve_rows_from_memory_bounded(small_cache, s3_cache, monkeypatch):
+    server, url, opts = s3_cache
+    monkeypatch.setattr(range_reads, "BACKOFF_S", 0.01)
+    local, remote = CacheReader(str(small_cache)), CacheReader(url, opts, whole_files=2)
+    try:
+        batches = _batches(local)
+        for bucket, rows in batches:  # whole files, their indexes parsed from their tails: the same rows
+            _same(remote.read_rows(bucket, rows, fields=FIELDS), local.read_rows(bucket, rows, fields=FIELDS))
+        memory = remote._rows.shard_memory
+        assert memory is not None and len(memory._files) <= 2 and not memory._pending
+        # A file kept in memory costs no request: read the same rows twice, the second time none go out.
+        bucket, rows = batches[-1]
+        remote.read_rows(bucket, rows, fields=["latent_mean"])
+        server.reset_stats()
+        remote.read_rows(bucket, rows, fields=["latent_mean"])
+        assert server.reset_stats().gets == []
+        # Prefetched files are there before the read asks for them.
+        fresh = CacheReader(url, opts, whole_files=8)
+        fresh.prefetch(bucket, rows, ["latent_mean"])
+        fresh._rows._prefetcher.shutdown(wait=True)
+        fresh._rows._prefetcher = None
+        server.reset_stats()
+        _same(fresh.read_rows(bucket, rows, fields=["latent_mean"]), local.read_rows(bucket, rows, fields=["latent_mean"]))
+        assert server.reset_stats().gets == []
+        fresh.close()
+    finally:
+        local.close()
+        remote.close()
+
+
+def test_shard_memory_failure_is_one_line_and_leaves_no_caller_waiting():
+    from types import SimpleNamespace
+
+    from latentforge.shared.shard_memory import ShardMemory
+
+    calls = []
+
+    def cat_ranges(paths, starts, ends, on_error):
+        calls.append(paths)
+        return [FileNotFoundError("gone")] * len(paths)
+
+    storage = SimpleNamespace(fs=SimpleNamespace(cat_ranges=cat_ranges, async_impl=False),
+                              path=lambda rel: f"s3://b/c/{rel}")
+    memory = ShardMemory(storage, max_files=2)
+    with pytest.raises(StorageReadError, match=r"^cannot read s3://b/c/shards/g/x \(FileNotFoundError: gone\)"):
+        memory.get_many({"shards/g/x": 10})
+    assert not memory._pending and not memory._files and len(calls) == 1

@@ -19,14 +19,16 @@ DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(0, 60), st.integers(0, 4), st.integers(1, 6))
-def test_each_item_carries_the_next_items_of_its_own_worker(n, workers, depth):
+@given(st.integers(0, 60), st.integers(0, 4), st.integers(1, 6), st.integers(0, 12))
+def test_each_item_carries_the_next_items_of_its_own_worker(n, workers, depth, horizon):
     items = list(range(n))
-    out = list(ReadAheadSampler(items, workers, depth))
+    out = list(ReadAheadSampler(items, workers, depth, horizon))
     assert [w.item for w in out] == items  # same items, same order
     stride = max(1, workers)
     for i, w in enumerate(out):
         assert w.ahead == tuple(items[i + k * stride] for k in range(1, depth + 1) if i + k * stride < n)
+        # Beyond the read-ahead, up to the horizon: the shard files to prefetch.
+        assert w.later == tuple(items[i + k * stride] for k in range(depth + 1, horizon + 1) if i + k * stride < n)
 
 
 def test_reader_returns_what_a_plain_read_returns_and_reads_each_item_once():
@@ -71,3 +73,14 @@ def test_loader_batches_are_the_same_with_read_ahead(small_cache):
             assert same, k
     reader.close()
 
+
+
+def test_shuffle_auto_is_shard_window_for_object_stores_unless_weighted():
+    from latentforge.train.data import resolve_shuffle
+
+    base = ["cache.path=unused", "train.output_dir=unused"]
+    config = load_config(DEMO, base)
+    assert resolve_shuffle(config, remote=True) == "shard_window"
+    assert resolve_shuffle(config, remote=False) == "global"
+    assert resolve_shuffle(load_config(DEMO, [*base, "train.shuffle=shard_window"]), remote=False) == "shard_window"
+    assert resolve_shuffle(load_config(DEMO, [*base, "train.shuffle=global"]), remote=True) == "global"

@@ -163,6 +163,20 @@ def test_resume_is_exact_without_text_encoders_and_export_round_trips(unet_only_
     assert any(not torch.equal(trained[k], base[k].half()) for k in base), "export holds the untrained weights"
 
 
+def test_shard_window_order_resumes_exactly_and_refuses_another_order(unet_only_model, small_cache, tmp_path):
+    common = ["train.max_steps=4", "train.checkpoint_every=2", "train.shuffle=shard_window",
+              "train.shuffle_window_shards=1", FP32_ZERO % 2]
+    full = run_in_process(train_args(unet_only_model, small_cache, tmp_path / "a", *common))
+    first = run_in_process(train_args(unet_only_model, small_cache, tmp_path / "b", *common), until=2)
+    resumed = run_in_process(train_args(unet_only_model, small_cache, tmp_path / "b", *common, "train.resume=latest"))
+    assert first + resumed == full
+    state = json.loads((tmp_path / "b" / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+    assert state["sampler"]["order"].startswith("shard_window:1x")
+    with pytest.raises(ValueError, match="order shard_window.*train.shuffle"):
+        run_in_process(train_args(unet_only_model, small_cache, tmp_path / "b", "train.max_steps=6",
+                                  "train.shuffle=global", FP32_ZERO % 2, "train.resume=latest"))
+
+
 def test_cache_model_mismatch_fails_before_step_one(small_cache, tmp_path, tiny_sdxl):
     other = tmp_path / "wide"
     shutil.copytree(tiny_sdxl, other)

@@ -24,6 +24,7 @@ from latentforge.shared.config import Config
 
 from .read_ahead import ReadAheadReader, ReadAheadSampler, WithAhead
 from .sampler import MicroBatch, MicroBatchSampler
+from .shard_window import ShardWindow
 
 # What a training step reads; keys, hashes and upscale paths stay on disk.
 TRAIN_FIELDS = ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds", "prompt_mask",
@@ -101,21 +102,25 @@ class CachedBatches(Dataset):
 
     def __init__(self, url: str, storage_options: Mapping[str, Any], rows: Mapping[tuple[int, int], np.ndarray],
                  read_ahead: int = 0, read_through: tuple[str, int] | None = None, *, control: bool = False,
-                 item_sources: Mapping[tuple[int, int], np.ndarray] | None = None) -> None:
+                 item_sources: Mapping[tuple[int, int], np.ndarray] | None = None, whole_shards: int = 0) -> None:
         """`control`: also read the cached control images (ControlNet training); `item_sources`: the source
-        index of each item, per bucket (per-source loss weights)."""
+        index of each item, per bucket (per-source loss weights); `whole_shards` > 0: on an object store,
+        fetch shard files whole and keep that many per field in memory (the shard-window order's reads)."""
         self.url, self.storage_options = url, dict(storage_options)
         self.read_through = read_through  # (folder, bytes): local copies of an object-store cache's shard files
         self.wanted = (*TRAIN_FIELDS, "conditioning") if control else TRAIN_FIELDS
         self.rows = {tuple(b): r for b, r in rows.items()}
         self.item_sources = {tuple(b): s for b, s in (item_sources or {}).items()}
         self.read_ahead = read_ahead  # micro-batches read concurrently ahead per worker (`read_ahead.py`)
+        self.whole_shards = whole_shards
         self._reader: CacheReader | None = None  # opened lazily in each worker process
         self._ahead: ReadAheadReader[MicroBatch] | None = None
 
     def reader(self) -> CacheReader:
         if self._reader is None:
-            self._reader = CacheReader(self.url, self.storage_options, read_through=self.read_through)
+            reader = CacheReader(self.url, self.storage_options, read_through=self.read_through,
+                                 whole_files=self.whole_shards * len(self.wanted))
+            self._reader = reader
         return self._reader
 
     def __len__(self) -> int:  # a map-style dataset must have one; the sampler decides what is read
@@ -125,8 +130,19 @@ class CachedBatches(Dataset):
         if isinstance(item, WithAhead):
             if self._ahead is None:
                 self._ahead = ReadAheadReader(self._read, max(1, self.read_ahead))
+            if item.later and self.whole_shards:  # the next window's shard files, in the background
+                self._prefetch(item.later)
             return self._ahead.get(item.item, item.ahead)
         return self._read(item)
+
+    def _prefetch(self, later: tuple[MicroBatch, ...]) -> None:
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for mb in later:
+            by_bucket.setdefault((int(mb.bucket[0]), int(mb.bucket[1])), []).extend(mb.items)
+        reader = self.reader()
+        for bucket, items in by_bucket.items():
+            rows = np.unique(self.rows[bucket][np.asarray(items, dtype=np.int64)])
+            reader.prefetch(bucket, rows, [f.name for f in reader.spec.fields if f.name in self.wanted])
 
     def _read(self, mb: MicroBatch) -> dict[str, Any]:
         reader = self.reader()
@@ -149,11 +165,32 @@ class CachedBatches(Dataset):
         return state
 
 
-def build_loader(dataset: CachedBatches, sampler: MicroBatchSampler, config: Config) -> DataLoader:
+def resolve_shuffle(config: Config, remote: bool) -> str:
+    """`train.shuffle` made concrete: "global" or "shard_window" (auto: shard_window for an object store,
+    unless sources are weighted: the weighted schedule draws its own order)."""
+    weighted = any(s.weight is not None for s in config.data.sources)
+    mode = config.train.shuffle
+    if mode == "shard_window" and weighted:
+        raise ValueError("train.shuffle: shard_window does not combine with data.sources[*].weight; set "
+                         "train.shuffle: global or remove the weights")
+    if mode == "auto":
+        return "shard_window" if remote and not weighted else "global"
+    return mode
+
+
+def shard_window_for(reader: CacheReader, train_rows: Mapping[tuple[int, int], np.ndarray], shards: int) -> ShardWindow:
+    """The shard-window order's inputs for this cache: the shard file of every training item, per bucket."""
+    blocks = {b: reader.shard_numbers(b, rows) for b, rows in train_rows.items()}
+    return ShardWindow(blocks, shards, reader.spec.shard_rows)
+
+
+def build_loader(dataset: CachedBatches, sampler: MicroBatchSampler, config: Config, horizon: int = 0) -> DataLoader:
     """DataLoader over micro-batches: workers read ahead while the model trains (prefetch_factor batches each);
-    with `dataset.read_ahead`, each worker also keeps that many of its next micro-batches in flight."""
+    with `dataset.read_ahead`, each worker also keeps that many of its next micro-batches in flight, and
+    fetches the shard files of its next `horizon` ones (shard-window order)."""
     workers = config.train.num_workers
-    items: Any = ReadAheadSampler(sampler, workers, dataset.read_ahead) if dataset.read_ahead else sampler
+    items: Any = (ReadAheadSampler(sampler, workers, dataset.read_ahead, horizon) if dataset.read_ahead
+                  else sampler)
     return DataLoader(
         dataset, sampler=items, batch_size=None, num_workers=workers,
         prefetch_factor=config.train.prefetch_factor if workers else None,

@@ -26,6 +26,7 @@ import numpy as np
 from latentforge.shared.cache_format import bucket_name
 
 from .sampler import Bucket, GlobalBucketSchedule, SamplerState
+from .shard_window import ShardWindow
 
 # A tag in the permutation streams' seeds, so they never share entropy with the base schedule's
 # [seed, epoch, h, w] (SeedSequence pads short entropy with zeros; the source position is >= 1 too).
@@ -161,11 +162,15 @@ class SourceCounter:
 
 
 def build_schedule(item_sources: Mapping[Bucket, np.ndarray], bucket_sizes: Mapping[Bucket, int],
-                   source_weights: Sequence[float | None], global_batch: int, seed: int) -> GlobalBucketSchedule:
+                   source_weights: Sequence[float | None], global_batch: int, seed: int,
+                   shard_window: ShardWindow | None = None) -> GlobalBucketSchedule:
     """The run's schedule: weighted when the sources set `weight` (all or none, the config checks), else the
-    plain one over items x repeats. Items of a group that records no source (index len(sources)) weigh 1."""
+    plain one over items x repeats (in shard-window order with `shard_window`). Items of a group that
+    records no source (index len(sources)) weigh 1."""
     if all(w is None for w in source_weights):
-        return GlobalBucketSchedule(bucket_sizes, global_batch, seed)
+        return GlobalBucketSchedule(bucket_sizes, global_batch, seed, shard_window)
+    if shard_window is not None:
+        raise ValueError("train.shuffle: shard_window does not combine with data.sources[*].weight")
     weights = {i: float(w) for i, w in enumerate(source_weights) if w is not None}
     weights.setdefault(len(source_weights), 1.0)
     return WeightedBucketSchedule(item_sources, weights, global_batch, seed)

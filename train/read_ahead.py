@@ -7,7 +7,9 @@ i mod W, so each micro-batch can carry the next few that the same worker will be
 (`WithAhead`); the worker starts reading those on a small thread pool while it returns the current one,
 keeping `depth` micro-batches in flight. What a step receives is unchanged, in the same order: only
 when it is read moves. A prediction that misses (a worker restarted) costs a synchronous read, never a
-wrong batch.
+wrong batch. With a `horizon` beyond `depth`, each item also names the worker's items after those
+(`later`): in the shard-window order the worker fetches their shard files in the background, so the
+next window's files arrive while it still serves the current one.
 """
 
 from __future__ import annotations
@@ -27,17 +29,19 @@ class WithAhead(Generic[T]):
 
     item: T
     ahead: tuple[T, ...]
+    later: tuple[T, ...] = ()  # the worker's items after `ahead`, up to the horizon: files to prefetch
 
 
 class ReadAheadSampler(Generic[T]):
-    """Wraps a sampler so each item carries the next `depth` items of the same DataLoader worker."""
+    """Wraps a sampler so each item carries the next `depth` items of the same DataLoader worker (and
+    those up to `horizon`, if larger, as `later`)."""
 
-    def __init__(self, inner: Iterable[T], workers: int, depth: int) -> None:
-        self.inner, self.stride, self.depth = inner, max(1, workers), depth
+    def __init__(self, inner: Iterable[T], workers: int, depth: int, horizon: int = 0) -> None:
+        self.inner, self.stride, self.depth, self.horizon = inner, max(1, workers), depth, max(depth, horizon)
 
     def __iter__(self) -> Iterator[WithAhead[T]]:
         window: deque[T] = deque()
-        reach = self.stride * self.depth
+        reach = self.stride * self.horizon
         for item in self.inner:
             window.append(item)
             if len(window) > reach:
@@ -48,8 +52,8 @@ class ReadAheadSampler(Generic[T]):
             window.popleft()
 
     def _head(self, window: deque[T]) -> WithAhead[T]:
-        ahead = tuple(window[k * self.stride] for k in range(1, self.depth + 1) if k * self.stride < len(window))
-        return WithAhead(window[0], ahead)
+        mine = [window[k * self.stride] for k in range(1, self.horizon + 1) if k * self.stride < len(window)]
+        return WithAhead(window[0], tuple(mine[: self.depth]), tuple(mine[self.depth:]))
 
 
 class ReadAheadReader(Generic[T]):

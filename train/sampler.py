@@ -12,6 +12,10 @@ n_b items, each bucket yields n_b // global_batch batches and carries n_b % glob
 so the number of steps per epoch never changes. A global batch is sliced over ranks and accumulation steps
 in (accum, rank) order, so resuming at another world size with the same global batch continues the exact
 same global sample order.
+
+With a `ShardWindow` (caches on object stores) the seeded permutation is the shard-window order instead
+(`shard_window.py`: shard files shuffled, rows shuffled within windows of a few files) and buckets
+interleave window by window; everything above still holds.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import numpy as np
 # Carries in checkpoints are keyed by the cache's own bucket names ("HxW"), so they read like the cache.
 from latentforge.shared.cache_format import bucket_name
 
+from .shard_window import ShardWindow, interleave_windows, shard_window_order
+
 Bucket = tuple[int, int]
 
 
@@ -35,8 +41,9 @@ class SamplerState:
     epoch: int
     step: int  # global batches already consumed in this epoch
     carry: dict[str, tuple[int, ...]]  # carry INTO this epoch, keyed by "HxW"
-    global_batch: int  # recorded so a resume with another global batch or seed fails loudly
+    global_batch: int  # recorded so a resume with another global batch, seed or order fails loudly
     seed: int
+    order: str = "global"  # "global" or `ShardWindow.name` (states from before the option read as global)
 
     def __post_init__(self) -> None:
         # Canonical form (sorted keys, int tuples, no empty entries): equal states compare equal, and the
@@ -51,6 +58,7 @@ class SamplerState:
             "carry": {k: list(v) for k, v in self.carry.items()},
             "global_batch": self.global_batch,
             "seed": self.seed,
+            "order": self.order,
         }
 
     @classmethod
@@ -61,6 +69,7 @@ class SamplerState:
             carry={str(k): tuple(v) for k, v in data["carry"].items()},
             global_batch=int(data["global_batch"]),
             seed=int(data["seed"]),
+            order=str(data.get("order", "global")),
         )
 
 
@@ -77,7 +86,9 @@ class MicroBatch:
 class GlobalBucketSchedule:
     """The global batch schedule over aspect-ratio buckets (see the module docstring)."""
 
-    def __init__(self, bucket_sizes: Mapping[Bucket, int], global_batch: int, seed: int) -> None:
+    def __init__(self, bucket_sizes: Mapping[Bucket, int], global_batch: int, seed: int,
+                 shard_window: ShardWindow | None = None) -> None:
+        """`shard_window`: use the shard-window order (`shard_window.py`) instead of a global shuffle."""
         if global_batch < 1:
             raise ValueError(f"global_batch must be >= 1, got {global_batch}")
         if seed < 0:  # SeedSequence entropy must be non-negative
@@ -91,6 +102,13 @@ class GlobalBucketSchedule:
         self.global_batch = int(global_batch)
         self.seed = int(seed)
         self.steps_per_epoch = sum(n // self.global_batch for n in sizes.values())
+        self.shard_window = shard_window
+        self.order = shard_window.name if shard_window is not None else "global"
+        if shard_window is not None:
+            for b, n in sizes.items():
+                if len(shard_window.blocks.get(b, ())) != n:
+                    raise ValueError(f"shard window: bucket {bucket_name(b)} has {n} items but "
+                                     f"{len(shard_window.blocks.get(b, ()))} shard numbers")
 
     @property
     def starved_buckets(self) -> dict[Bucket, int]:
@@ -98,14 +116,20 @@ class GlobalBucketSchedule:
         return {b: n for b, n in self.bucket_sizes.items() if 0 < n < self.global_batch}
 
     def initial_state(self) -> SamplerState:
-        return SamplerState(epoch=0, step=0, carry={}, global_batch=self.global_batch, seed=self.seed)
+        return SamplerState(epoch=0, step=0, carry={}, global_batch=self.global_batch, seed=self.seed,
+                            order=self.order)
 
     def check_state(self, state: SamplerState) -> None:
-        """Raise ValueError if ``state`` was not produced by a schedule with this global batch and seed."""
+        """Raise ValueError if ``state`` was not produced by a schedule with this global batch, seed and order."""
         if (state.global_batch, state.seed) != (self.global_batch, self.seed):
             raise ValueError(
                 f"sampler state has global_batch={state.global_batch}, seed={state.seed} but the schedule "
                 f"has global_batch={self.global_batch}, seed={self.seed}; resume with the same values"
+            )
+        if state.order != self.order:
+            raise ValueError(
+                f"sampler state has order {state.order} but the schedule has {self.order}; resume with the "
+                "same train.shuffle and train.shuffle_window_shards (and a cache with the same shard_rows)"
             )
         if state.epoch < 0 or not 0 <= state.step < max(self.steps_per_epoch, 1):
             raise ValueError(f"sampler state epoch={state.epoch}, step={state.step} is out of range")
@@ -148,8 +172,19 @@ class GlobalBucketSchedule:
             rest[carried] = False
             # SeedSequence entropy, not Python's salted hash(): identical on every rank and every run.
             rng = np.random.default_rng([self.seed, epoch, *bucket])
-            pools[bucket] = np.concatenate([carried, rng.permutation(np.flatnonzero(rest))])
+            if self.shard_window is None:
+                fresh = rng.permutation(np.flatnonzero(rest))
+            else:
+                fresh = self.arrange(bucket, np.flatnonzero(rest), len(carried), rng)
+            pools[bucket] = np.concatenate([carried, fresh])
         return pools
+
+    def arrange(self, bucket: Bucket, items: np.ndarray, offset: int, rng: np.random.Generator) -> np.ndarray:
+        """Shard-window order of a bucket's fresh items that follow `offset` carried ones in the pool."""
+        assert self.shard_window is not None
+        sw = self.shard_window
+        blocks = np.asarray(sw.blocks[bucket])[items]
+        return shard_window_order(items, blocks, sw.window_items(self.global_batch), offset, rng)
 
     def _carry_out(self, pools: Mapping[Bucket, np.ndarray]) -> dict[str, tuple[int, ...]]:
         gb = self.global_batch
@@ -163,6 +198,11 @@ class GlobalBucketSchedule:
         """The epoch's global batches ``(bucket, items)`` in training order, and the carry into the next epoch."""
         pools = self._pools(epoch, carry)
         gb = self.global_batch
+        if self.shard_window is not None:  # each bucket's batches stay in window order
+            per_bucket = {b: list(p[: len(p) - len(p) % gb].reshape(-1, gb)) for b, p in pools.items()}
+            per_window = self.shard_window.window_items(gb) // gb
+            plan = interleave_windows(per_bucket, per_window, np.random.default_rng([self.seed, epoch]))
+            return plan, self._carry_out(pools)
         batches: list[tuple[Bucket, np.ndarray]] = []
         for bucket, pool in pools.items():
             full = len(pool) - len(pool) % gb
@@ -188,7 +228,7 @@ class GlobalBucketSchedule:
         while self.steps_per_epoch and step >= self.steps_per_epoch:
             carry = self._carry_out(self._pools(epoch, carry))
             epoch, step = epoch + 1, step - self.steps_per_epoch
-        return SamplerState(epoch, step, carry, self.global_batch, self.seed)
+        return SamplerState(epoch, step, carry, self.global_batch, self.seed, self.order)
 
     def _starved_message(self) -> str:
         return f"no bucket holds a full global batch of {self.global_batch} items: nothing to train on"
@@ -204,7 +244,7 @@ class GlobalBucketSchedule:
             while True:
                 plan, carry_out = self.epoch_plan(epoch, carry)
                 for i in range(step, len(plan)):
-                    yield SamplerState(epoch, i, carry, self.global_batch, self.seed), *plan[i]
+                    yield SamplerState(epoch, i, carry, self.global_batch, self.seed, self.order), *plan[i]
                 epoch, step, carry = epoch + 1, 0, carry_out
 
         return walk()

@@ -29,7 +29,7 @@ from . import objective as obj
 from .checkpoint import TrainState, find_checkpoint, load_checkpoint, save_checkpoint
 from .checkpoint_weights import read_trainer_state
 from .controlnet import controlnet_adapter, validation_controls
-from .data import CachedBatches, CachedSamples, build_loader
+from .data import CachedBatches, CachedSamples, build_loader, resolve_shuffle, shard_window_for
 from .distributed import build_engine, deepspeed_config, init_distributed, lost_peer
 from .ema import build_ema
 from .evaluation import check_evaluation
@@ -79,8 +79,11 @@ class Trainer:
         self.cache.check_model_files(config.model.pretrained, config.model.vae, config.model.revision)
         self.samples = CachedSamples(self.cache, config)
         self.global_batch = t.micro_batch_size * t.gradient_accumulation_steps * self.dist.world
+        self.order = resolve_shuffle(config, remote=not self.cache.storage.is_local)
+        window = (shard_window_for(self.cache, self.samples.train_rows, t.shuffle_window_shards)
+                  if self.order == "shard_window" else None)
         self.schedule = build_schedule(self.samples.item_sources, self.samples.bucket_sizes,
-                                       [s.weight for s in config.data.sources], self.global_batch, t.seed)
+                                       [s.weight for s in config.data.sources], self.global_batch, t.seed, window)
         for s, b in getattr(self.schedule, "unreached", ()) if self.dist.is_main else ():
             log.warning("data.sources.%d has samples in bucket %sx%s but its weight gives them no slot per epoch: "
                         "raise its weight or repeats", s, b[0], b[1])
@@ -175,10 +178,15 @@ class Trainer:
         stop = min(t.max_steps, until) if until is not None else t.max_steps
         ahead = t.read_ahead if t.read_ahead is not None else (0 if self.cache.storage.is_local else 16)
         copies = (t.read_through_dir, int(t.read_through_gb * 1e9)) if t.read_through_dir else None
+        window = self.schedule.shard_window
+        whole = window.files_kept(self.global_batch) if window is not None else 0
+        horizon = (window.horizon(self.global_batch, t.micro_batch_size, self.dist.world, t.num_workers)
+                   if window is not None else 0)
         dataset = CachedBatches(self.cache.url, dict(self.config.cache.storage_options), self.samples.train_rows, ahead,
-                                copies, control=t.controlnet.enabled, item_sources=self.samples.item_sources)
+                                copies, control=t.controlnet.enabled, item_sources=self.samples.item_sources,
+                                whole_shards=whole)
         sampler = MicroBatchSampler(self.schedule, self.state, self.dist.rank, self.dist.world, t.micro_batch_size)
-        batches = iter(build_loader(dataset, sampler, self.config))
+        batches = iter(build_loader(dataset, sampler, self.config, horizon))
         if t.validation_every:  # before any training: at step 0 this renders the base model's row
             self._check_base_row()
         bar = _progress(self.dist.is_main, self.step, t.max_steps)
