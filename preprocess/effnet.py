@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from latentforge.shared.efficientnet import efficientnet_features
+from latentforge.shared.efficientnet import efficientnet_features, state_misfit
 
 WEIGHTS_NAME = "effnet_encoder.safetensors"
 CONFIG_NAME = "effnet_config.json"
@@ -51,15 +51,10 @@ def load_effnet_state(model: nn.Module, state: dict[str, torch.Tensor], source: 
     """Load `state` strictly; only BatchNorm's `num_batches_tracked` counters may be absent (unused in eval).
 
     A file in another layout is one line naming it and what did not fit."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    shapes = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        first = (missing or unexpected or shapes)[0]
+    misfit = state_misfit(model, state)
+    if misfit:
         raise ValueError(f"{source}: not an EfficientNet Stage C encoder in the effnet_encoder.safetensors layout "
-                         f"({len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} of another shape, "
-                         f"e.g. {first!r}); point model.vae at the released file's folder")
+                         f"({misfit}); point model.vae at the released file's folder")
     model.load_state_dict(state, strict=False)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 V2_S_CHANNELS = 1280  # channels out of efficientnet_v2_s().features
@@ -35,3 +36,16 @@ def efficientnet_features(config: dict[str, Any] | None, imagenet: bool = False)
             raise ValueError(f"EfficientNet stage kind {kind!r} is neither 'fused' nor 'mb'")
     last = int(config["last_channel"])
     return EfficientNet(stages, dropout=0.0, last_channel=last).features, last
+
+
+def state_misfit(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """What keeps `state` from loading strictly into `model` ("2 missing, 0 unexpected, ..., e.g. 'key'"), or
+    None when it fits. BatchNorm's `num_batches_tracked` counters may be absent: eval mode never reads them."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if not (missing or unexpected or shapes):
+        return None
+    first = (missing or unexpected or shapes)[0]
+    return f"{len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} of another shape, e.g. {first!r}"

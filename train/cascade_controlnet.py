@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentforge.shared.efficientnet import efficientnet_features
+from latentforge.shared.efficientnet import efficientnet_features, state_misfit
 
 from .control_images import MASKED
 
@@ -120,14 +120,9 @@ def cascade_control_input(kind: str, control: torch.Tensor) -> torch.Tensor:
 
 def check_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load `state` strictly; only BatchNorm's `num_batches_tracked` counters may be absent (unused in eval)."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    shapes = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        first = (missing or unexpected or shapes)[0]
-        raise ValueError(f"{source}: not a Stable Cascade ControlNet of this shape ({len(missing)} missing, "
-                         f"{len(unexpected)} unexpected, {len(shapes)} of another shape, e.g. {first!r})")
+    misfit = state_misfit(model, state)
+    if misfit:
+        raise ValueError(f"{source}: not a Stable Cascade ControlNet of this shape ({misfit})")
     model.load_state_dict(state, strict=False)
 
 
