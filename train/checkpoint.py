@@ -193,9 +193,9 @@ def save_checkpoint(state: TrainState, output_dir: str | Path, keep_last: int, b
     if rank == 0:
         fsync_tree(path)  # COMPLETE must never reach the disk before the files it vouches for
         fault_point("checkpoint:state_written")
-        _write_atomic(path / COMPLETE, tag)
+        write_atomic(path / COMPLETE, tag)
         fault_point("checkpoint:complete_written")
-        _write_atomic(root / "latest", tag)
+        write_atomic(root / "latest", tag)
         for old in rotating(complete_checkpoints(root), backup_every)[:-keep_last]:
             # Marker first: a crash halfway through the delete leaves a folder `latest` ignores, never
             # a COMPLETE folder with files missing.
@@ -255,7 +255,10 @@ class SafetensorsMapping(Mapping[str, torch.Tensor]):
         return len(self._keys)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, fsync it, rename it over `path` and fsync the folder:
+    a reader (or a resume after a crash) sees the old content or the new, never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         f.write(text)

@@ -118,9 +118,8 @@ class CachedBatches(Dataset):
 
     def reader(self) -> CacheReader:
         if self._reader is None:
-            reader = CacheReader(self.url, self.storage_options, read_through=self.read_through,
-                                 whole_files=self.whole_shards * len(self.wanted))
-            self._reader = reader
+            self._reader = CacheReader(self.url, self.storage_options, read_through=self.read_through,
+                                       whole_files=self.whole_shards * len(self.wanted))
         return self._reader
 
     def __len__(self) -> int:  # a map-style dataset must have one; the sampler decides what is read

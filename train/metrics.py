@@ -53,13 +53,11 @@ class TensorBoardSink:
 
 
 class Metrics:
-    """Fans every figure out to `sinks` (TensorBoard under `log_dir` when none are given); a silent no-op
-    when not `enabled` (every rank but the main one)."""
+    """Fans every figure out to `sinks` (`open_metrics`); with none (every rank but the main one), a silent
+    no-op that still counts the throughput window."""
 
-    def __init__(self, log_dir: Path | None, enabled: bool, sinks: Sequence[Sink] | None = None) -> None:
-        self.sinks: list[Sink] = []
-        if enabled:
-            self.sinks = list(sinks) if sinks is not None else [TensorBoardSink(log_dir)] if log_dir else []
+    def __init__(self, sinks: Sequence[Sink] = ()) -> None:
+        self.sinks: list[Sink] = list(sinks)
         self.window_start = time.perf_counter()
         self.data_wait = 0.0
         self.samples = 0
@@ -108,7 +106,7 @@ class Metrics:
 def open_metrics(config: Any, output: Path, enabled: bool) -> Metrics:
     """The run's Metrics: one sink per `train.report_to` entry, on the main rank (`enabled`) only."""
     if not enabled:
-        return Metrics(None, False)
+        return Metrics()
     sinks: list[Sink] = []
     if "tensorboard" in config.train.report_to:
         sinks.append(TensorBoardSink(output / "tensorboard"))
@@ -116,4 +114,4 @@ def open_metrics(config: Any, output: Path, enabled: bool) -> Metrics:
         from .wandb_sink import WandbSink
 
         sinks.append(WandbSink(config, output))
-    return Metrics(None, True, sinks)
+    return Metrics(sinks)

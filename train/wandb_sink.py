@@ -22,6 +22,8 @@ import numpy as np
 
 from latentforge.shared.config import ConfigError, printable_config
 
+from .checkpoint import write_atomic
+
 RUN_FILE = "wandb_run.json"  # {"id": ...}: the wandb run this output folder logs to
 
 
@@ -31,8 +33,7 @@ def run_id(output: Path) -> str:
     if path.is_file():
         return str(json.loads(path.read_text())["id"])
     rid = uuid.uuid4().hex[:12]  # wandb's own ids are 8 lowercase letters and digits; any such string will do
-    output.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"id": rid}) + "\n")
+    write_atomic(path, json.dumps({"id": rid}) + "\n")  # a crash mid-write must not lose the run id
     return rid
 
 

@@ -20,14 +20,14 @@ import torch
 
 from latentforge.shared.config import Config, config_from_tree
 
-from ..checkpoint import COMPLETE, find_checkpoint
+from ..checkpoint import COMPLETE, find_checkpoint, write_atomic
 from ..checkpoint_weights import read_trainer_state, trained_state_dict
 from ..families import adapter_for
-from ..metrics import Metrics
+from ..metrics import open_metrics
 from ..step import StepSetup, build_objective
 from ..validation import ValidationData
 from .backbones import load_backbones
-from .run import run_evaluation, write_json_atomic
+from .run import run_evaluation
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -85,7 +85,7 @@ def evaluate_checkpoint(checkpoint: Path, overrides: list[str], *, use_ema: bool
     setup = StepSetup(adapter, build_objective(config, adapter, dist.device), config,
                       {k: v.to(dist.device) for k, v in empty.items()}, cache.spec.scaling_factor,
                       cache.spec.shift_factor, dist.device, torch.float32)
-    metrics = Metrics(run_dir / "tensorboard", dist.is_main)
+    metrics = open_metrics(config, run_dir, dist.is_main)  # the run's own reporters (its wandb run too)
     try:
         result = run_evaluation(model, setup, data, step, rank=dist.rank, world=dist.world, sharded=False,
                                 metrics=metrics, output_dir=run_dir)
@@ -95,7 +95,7 @@ def evaluate_checkpoint(checkpoint: Path, overrides: list[str], *, use_ema: bool
     if result is not None and summary.is_file():
         doc = json.loads(summary.read_text())
         doc["eval"] = {**result, "ema": use_ema, "checkpoint": str(checkpoint)}
-        write_json_atomic(summary, doc)
+        write_atomic(summary, json.dumps(doc, indent=2))
     return result
 
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..checkpoint import write_atomic
 from ..metrics import Metrics
 from ..step import StepSetup
 from ..validation import ValidationData
@@ -52,7 +51,7 @@ def run_evaluation(model: torch.nn.Module, setup: StepSetup, data: ValidationDat
                          "prompt_images": len(images.prompt_images)},
               "seconds": {"generate": round(made, 3), "score": round(time.perf_counter() - t0 - made, 3)},
               "world_size": world, "settings": cfg.model_dump(mode="json")}
-    write_json_atomic(output_dir / "eval" / f"{step}.json", result)
+    write_atomic(output_dir / "eval" / f"{step}.json", json.dumps(result, indent=2))
     for key, value in figures.items():
         if metrics is not None:
             metrics.scalar(f"eval/{key}", value, step)
@@ -119,10 +118,3 @@ def _why_no_fid(images: Images, reference_decoder: bool) -> str:
         return "fewer than 2 held-out rows (set train.held_out_fraction, e.g. 0.05)"
     return ""
 
-
-def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
-    """Write `doc` to a temporary file beside `path` and rename it: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, path)
