@@ -33,8 +33,7 @@ from .cascade_controlnet import (
     interpolate_to,
     load_cascade_controlnet,
 )
-from .control_images import control_input
-from .families.base import DenoiserAdapter
+from .controlled_adapter import ControlledAdapter
 
 
 def res_blocks(prior: torch.nn.Module) -> list[torch.nn.Module]:
@@ -155,7 +154,7 @@ def build_controlnet(config: Config, kind: str, prior: torch.nn.Module) -> Casca
                           f"({str(exc)[:120]}); run once online, or set train.controlnet.pretrained") from None
 
 
-class CascadeControlNetAdapter(DenoiserAdapter):
+class CascadeControlNetAdapter(ControlledAdapter):
     """The Stage C adapter with a ControlNet steering its frozen prior."""
 
     family = "stable_cascade"
@@ -163,10 +162,6 @@ class CascadeControlNetAdapter(DenoiserAdapter):
     model_subfolder = "prior"
     pipeline_class = "StableCascadePriorPipeline"
     objective = "gdf"
-
-    def __init__(self, base: DenoiserAdapter, kind: str, scale: float = 1.0) -> None:
-        """`kind`: the cache's conditioning kind; `scale`: `train.controlnet.conditioning_scale`."""
-        self.base, self.kind, self.scale = base, kind, scale
 
     def load(self, config: Config) -> torch.nn.Module:
         import diffusers
@@ -177,22 +172,13 @@ class CascadeControlNetAdapter(DenoiserAdapter):
             prior.enable_gradient_checkpointing()  # backward still runs through the frozen prior
         return CascadeControlNetDenoiser(build_controlnet(config, self.kind, prior), prior)
 
-    def expected_cache(self, model: torch.nn.Module) -> dict[str, Any]:
-        return self.base.expected_cache(model.prior)
-
-    def condition(self, batch: dict[str, Any], empty: dict[str, torch.Tensor], config: Config,
-                  generator: torch.Generator) -> dict[str, torch.Tensor]:
-        cond = self.base.condition(batch, empty, config, generator)
-        shared = control_input(self.kind, batch["conditioning"], generator, config.train.controlnet.degrade_factor)
-        cond["controlnet_cond"] = cascade_control_input(self.kind, shared)
-        return cond
+    def controlnet_input(self, control: torch.Tensor) -> torch.Tensor:
+        """The original filters' form: canny 1 channel, inpaint 4 (holes + mask), image and sidecar 3."""
+        return cascade_control_input(self.kind, control)
 
     def forward(self, model: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 cond: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(noisy, timesteps, cond, self.scale)
-
-    def prompt_kwargs(self, embeds: dict[str, torch.Tensor], empty: dict[str, torch.Tensor]) -> dict[str, Any]:
-        return self.base.prompt_kwargs(embeds, empty)
 
     def validation_renderer(self, model: torch.nn.Module, setup: Any) -> Any:
         """The whole cascade (`families/cascade.py`) around the prior, steered by each prompt's control image."""

@@ -20,6 +20,7 @@ from latentforge.shared.cache_format import CacheSpec
 from latentforge.shared.config import Config, ConfigError
 
 from .control_images import control_input
+from .controlled_adapter import ControlledAdapter
 from .families.base import DenoiserAdapter
 
 # The diffusers pipeline an exported ControlNet goes into, per family.
@@ -70,15 +71,14 @@ def load_controlnet(config: Config, unet: torch.nn.Module) -> torch.nn.Module:
     return ControlNetModel.from_unet(unet, conditioning_channels=3)
 
 
-class ControlNetAdapter(DenoiserAdapter):
+class ControlNetAdapter(ControlledAdapter):
     """A family adapter with a ControlNet in front of its frozen UNet."""
 
     model_subfolder = "controlnet"
     model_class = "ControlNetModel"
 
     def __init__(self, base: DenoiserAdapter, kind: str, scale: float = 1.0) -> None:
-        """`kind`: the cache's conditioning kind; `scale`: `train.controlnet.conditioning_scale`."""
-        self.base, self.kind, self.scale = base, kind, scale
+        super().__init__(base, kind, scale)
         self.family = base.family
         self.pipeline_class = CONTROLNET_PIPELINES[base.family]
         self.no_text = base.no_text
@@ -94,16 +94,6 @@ class ControlNetAdapter(DenoiserAdapter):
             unet.enable_gradient_checkpointing()  # backward still runs through the frozen UNet
         return ControlNetDenoiser(controlnet, unet)
 
-    def expected_cache(self, model: torch.nn.Module) -> dict[str, Any]:
-        return self.base.expected_cache(model.unet)
-
-    def condition(self, batch: dict[str, Any], empty: dict[str, torch.Tensor], config: Config,
-                  generator: torch.Generator) -> dict[str, torch.Tensor]:
-        cond = self.base.condition(batch, empty, config, generator)
-        cond["controlnet_cond"] = control_input(self.kind, batch["conditioning"], generator,
-                                                config.train.controlnet.degrade_factor)
-        return cond
-
     def forward(self, model: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 cond: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(noisy, timesteps, cond, self.scale).sample
@@ -115,9 +105,6 @@ class ControlNetAdapter(DenoiserAdapter):
                                                        controlnet=model.controlnet, **self.no_text)
         pipe.set_progress_bar_config(disable=True)
         return pipe
-
-    def prompt_kwargs(self, embeds: dict[str, torch.Tensor], empty: dict[str, torch.Tensor]) -> dict[str, Any]:
-        return self.base.prompt_kwargs(embeds, empty)
 
 
 def controlnet_adapter(base: DenoiserAdapter, config: Config, spec: CacheSpec, cache_path: str) -> DenoiserAdapter:
