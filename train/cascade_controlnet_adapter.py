@@ -34,6 +34,7 @@ from .cascade_controlnet import (
     load_cascade_controlnet,
 )
 from .controlled_adapter import ControlledAdapter
+from .families.base import DenoiserAdapter
 
 
 def res_blocks(prior: torch.nn.Module) -> list[torch.nn.Module]:
@@ -157,19 +158,14 @@ def build_controlnet(config: Config, kind: str, prior: torch.nn.Module) -> Casca
 class CascadeControlNetAdapter(ControlledAdapter):
     """The Stage C adapter with a ControlNet steering its frozen prior."""
 
-    family = "stable_cascade"
-    model_class = "StableCascadeUNet"
-    model_subfolder = "prior"
-    pipeline_class = "StableCascadePriorPipeline"
-    objective = "gdf"
+    def __init__(self, base: DenoiserAdapter, kind: str, scale: float = 1.0) -> None:
+        super().__init__(base, kind, scale)
+        # The prior, its pipeline and objective are the Stage C adapter's own; this one adds the ControlNet.
+        for name in ("family", "model_class", "model_subfolder", "pipeline_class", "objective"):
+            setattr(self, name, getattr(base, name))
 
     def load(self, config: Config) -> torch.nn.Module:
-        import diffusers
-
-        prior = diffusers.StableCascadeUNet.from_pretrained(config.model.pretrained, subfolder="prior",
-                                                            torch_dtype=torch.float32, **config.model.pins())
-        if config.train.gradient_checkpointing:
-            prior.enable_gradient_checkpointing()  # backward still runs through the frozen prior
+        prior = self.base.load(config)  # with gradient checkpointing when set: backward runs through it
         return CascadeControlNetDenoiser(build_controlnet(config, self.kind, prior), prior)
 
     def controlnet_input(self, control: torch.Tensor) -> torch.Tensor:
