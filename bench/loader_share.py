@@ -186,7 +186,7 @@ def run(size: str, workdir: Path) -> dict[str, Any]:
 
     os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
     os.environ.pop("AWS_PROFILE", None)
-    with loopback_s3() as server:
+    with loopback_s3(process=True) as server:
         upload_tree(server.endpoint, str(caches["random"]), "s3://bench/cache")
         server.latency_s = 0.02
         window = shard_window_for(trainer.cache, trainer.samples.train_rows, 2)

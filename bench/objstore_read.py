@@ -112,7 +112,7 @@ def run(size: str, workdir: Path) -> dict[str, Any]:
     local_window_plan, whole, horizon = window_plan(str(cache), n, micro, cfg["window_shards"], 5)
     local_window, _ = worker_samples_per_s(str(cache), {}, n, local_window_plan, 0)
     remote: dict[str, dict[str, float]] = {}
-    with loopback_s3() as server:
+    with loopback_s3(process=True) as server:
         upload_tree(server.endpoint, str(cache), "s3://bench/cache")
         opts = {"endpoint_url": server.endpoint}
         for latency in cfg["latencies"]:

@@ -8,6 +8,7 @@ overlap as they do against a real store. `fail` decides, per GET, whether to ans
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+_CONTROL = "/_lf/"  # the benchmark's controls of a server in another process: latency, stats
 FailRule = Callable[[str, int], int | None]  # (path, GET number) -> HTTP status to fail with, or None
 
 _ERRORS = {503: (b"SlowDown", b"Please reduce your request rate."),
@@ -38,6 +40,8 @@ class _Middleware:
         self.app, self.server = app, server
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("PATH_INFO", "").startswith(_CONTROL):  # no S3 bucket name starts with "_"
+            return self.server.control(environ["PATH_INFO"][len(_CONTROL):], start_response)
         stats, get = self.server.stats, environ["REQUEST_METHOD"] == "GET"
         with stats.lock:
             n = len(stats.gets)
@@ -50,7 +54,7 @@ class _Middleware:
                 time.sleep(self.server.latency_s)
             status = self.server.fail(environ.get("PATH_INFO", ""), n) if get and self.server.fail else None
             if not status and get and environ.get("HTTP_RANGE"):
-                ranged = _range_response(environ, start_response)
+                ranged = _range_response(environ, start_response, self.server.objects)
                 if ranged is not None:
                     return ranged
             if status:
@@ -67,13 +71,16 @@ class _Middleware:
                     stats.in_flight -= 1
 
 
-def _range_response(environ: dict[str, Any], start_response: Any) -> list[bytes] | None:
-    """Answer `GET /bucket/key` with `Range: bytes=a-b` from moto's stored object, reading only the range.
+def _range_response(environ: dict[str, Any], start_response: Any, objects: _ObjectMemory) -> list[bytes] | None:
+    """Answer `GET /bucket/key` with `Range: bytes=a-b` from the object's bytes held in memory.
 
-    moto itself reads (and copies) the whole object for every range request: 60 MB per request for a
-    cache shard file, far more CPU than the request costs a real store, and it would measure moto rather
-    than the reader. The answer is the one S3 gives (206, Content-Range, ETag, Last-Modified). Anything
-    else (a suffix range, an unknown key) is left to moto, which answers it, errors included."""
+    moto itself reads (and copies) the whole object from its spooled temporary file for every range
+    request: 60 MB per request for a cache shard file, far more CPU than the request costs a real store,
+    and it would measure moto rather than the reader (reading the range from that file still took a third
+    of a request's time). A real store serves hot objects from memory; so does this one, keyed by the
+    object's ETag, so an overwritten object is never served stale. The answer is the one S3 gives (206,
+    Content-Range, ETag, Last-Modified). Anything else (a suffix range, an unknown key) is left to moto,
+    which answers it, errors included."""
     from urllib.parse import unquote
 
     from moto.core.models import DEFAULT_ACCOUNT_ID
@@ -93,14 +100,30 @@ def _range_response(environ: dict[str, Any], start_response: Any) -> list[bytes]
     begin, end = int(first), min(int(last), obj.size - 1)
     if begin > end:
         return None
-    with obj.lock:
-        obj._value_buffer.seek(begin)
-        data = obj._value_buffer.read(end - begin + 1)
+    data = objects.slice(bucket, key, obj, begin, end + 1)
     start_response("206 Partial Content", [
         ("Content-Type", "binary/octet-stream"), ("Content-Length", str(len(data))), ("Accept-Ranges", "bytes"),
         ("Content-Range", f"bytes {begin}-{end}/{obj.size}"), ("ETag", obj.etag),
         ("Last-Modified", obj.last_modified_RFC1123)])
     return [data]
+
+
+class _ObjectMemory:
+    """Stored objects' bytes by (bucket, key), read from moto once per ETag."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._blobs: dict[tuple[str, str], tuple[str, bytes]] = {}
+
+    def slice(self, bucket: str, key: str, obj: Any, begin: int, end: int) -> bytes:
+        with self._lock:
+            etag, blob = self._blobs.get((bucket, key), ("", b""))
+            if etag != obj.etag:
+                with obj.lock:
+                    obj._value_buffer.seek(0)
+                    blob = obj._value_buffer.read()
+                self._blobs[(bucket, key)] = (obj.etag, blob)
+        return blob if (begin, end) == (0, len(blob)) else blob[begin:end]
 
 
 class LoopbackS3:
@@ -110,6 +133,7 @@ class LoopbackS3:
         self.latency_s = 0.0
         self.fail: FailRule | None = None
         self.stats = StoreStats()
+        self.objects = _ObjectMemory()
         self._server: Any = None
         self._thread: threading.Thread | None = None
 
@@ -138,6 +162,17 @@ class LoopbackS3:
         old, self.stats = self.stats, StoreStats()
         return old
 
+    def control(self, what: str, start_response: Any) -> list[bytes]:
+        """`latency/<seconds>` sets the latency; `stats` answers the counts as JSON and starts afresh."""
+        if what.startswith("latency/"):
+            self.latency_s = float(what.split("/", 1)[1])
+            body = b"{}"
+        else:
+            old = self.reset_stats()
+            body = json.dumps({"gets": old.gets, "failed": old.failed, "max_in_flight": old.max_in_flight}).encode()
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
@@ -146,10 +181,57 @@ class LoopbackS3:
             self._thread.join()
 
 
+class ProcessS3:
+    """A `LoopbackS3` in a child process, driven like one (`endpoint`, `latency_s`, `reset_stats`; no
+    `fail` rules): for benchmarks, so the store's CPU work (moto, the HTTP server) does not share the
+    reader's interpreter lock, as a real store's never does."""
+
+    def __init__(self) -> None:
+        import subprocess
+        import sys
+
+        self._proc = subprocess.Popen([sys.executable, "-m", "latentforge.devkit.object_store"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self._proc.stdout is not None
+        self.endpoint = self._proc.stdout.readline().strip()
+        if not self.endpoint.startswith("http://"):
+            self.stop()
+            raise RuntimeError("the loopback S3 server process did not start")
+        self._latency = 0.0
+
+    def _ask(self, what: str) -> bytes:
+        from urllib.request import urlopen
+
+        with urlopen(f"{self.endpoint}{_CONTROL}{what}", timeout=30) as answer:
+            return answer.read()
+
+    @property
+    def latency_s(self) -> float:
+        return self._latency
+
+    @latency_s.setter
+    def latency_s(self, value: float) -> None:
+        self._ask(f"latency/{value}")
+        self._latency = value
+
+    def reset_stats(self) -> StoreStats:
+        got = json.loads(self._ask("stats"))
+        return StoreStats(gets=got["gets"], failed=got["failed"], max_in_flight=got["max_in_flight"])
+
+    def stop(self) -> None:
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()  # the child exits when its stdin closes
+        try:
+            self._proc.wait(timeout=10)
+        except Exception:  # noqa: BLE001 - a child that does not exit is killed
+            self._proc.kill()
+
+
 @contextmanager
-def loopback_s3() -> Iterator[LoopbackS3]:
-    """A started `LoopbackS3`, stopped on exit. Credentials are the caller's (moto accepts any)."""
-    server = LoopbackS3().start()
+def loopback_s3(process: bool = False) -> Iterator[LoopbackS3 | ProcessS3]:
+    """A started `LoopbackS3` (in this process, or with `process` in a child process), stopped on exit.
+    Credentials are the caller's (moto accepts any)."""
+    server: LoopbackS3 | ProcessS3 = ProcessS3() if process else LoopbackS3().start()
     try:
         yield server
     finally:
@@ -165,3 +247,12 @@ def upload_tree(endpoint: str, local: str, url: str) -> None:
     if not fs.exists(bucket):
         fs.mkdir(bucket)
     fs.put(local.rstrip("/") + "/", url.removeprefix("s3://"), recursive=True)
+
+
+if __name__ == "__main__":  # the child of `ProcessS3`: serve until stdin closes
+    import sys
+
+    child = LoopbackS3().start()
+    print(child.endpoint, flush=True)
+    sys.stdin.read()
+    child.stop()

@@ -2,9 +2,9 @@
 
 An object store answers each request after 20-50 ms whatever its size, so the reader must never ask for
 one row at a time and wait: the rows of a batch are sorted, neighbours (and near neighbours: reading a
-small gap costs less than another round trip) are merged into one range, and all ranges go out together
-through fsspec's `cat_ranges`, which s3fs and the http filesystem run concurrently on their event loop
-(`batch_size` bounds how many are in flight). Transient failures (throttling, 5xx, a dropped
+small gap costs less than another round trip) are merged into one range, and all ranges go out together:
+on S3 through obstore (`object_reads.py`), elsewhere through fsspec's `cat_ranges`, which s3fs and the
+http filesystem run concurrently on their event loop; at most `in_flight` at once either way. Transient failures (throttling, 5xx, a dropped
 connection) are retried with exponential backoff; when they persist the read fails with one line naming
 the object. Local files never come here: they are mapped (`Storage.map_file`).
 """
@@ -63,11 +63,11 @@ def coalesce(requests: Sequence[tuple[str, int, int]], max_gap: int = MAX_GAP, m
     return spans
 
 
-def read_spans(storage: Storage, spans: Sequence[Span], *, in_flight: int = IN_FLIGHT) -> list[bytes]:
+def read_spans(storage: Storage, spans: Sequence[Span], *, in_flight: int = IN_FLIGHT) -> list[bytes | memoryview]:
     """The bytes of each span, fetched concurrently (at most `in_flight` at once); failed ones are
     retried with backoff (`BACKOFF_S`, doubling), up to `RETRIES` times, then a `StorageReadError`
     naming the object."""
-    out: list[bytes | None] = [None] * len(spans)
+    out: list[bytes | memoryview | None] = [None] * len(spans)
     pending = list(range(len(spans)))
     wait, retries = BACKOFF_S, RETRIES
     for attempt in range(retries + 1):
@@ -95,9 +95,12 @@ def read_spans(storage: Storage, spans: Sequence[Span], *, in_flight: int = IN_F
     return [b for b in out if b is not None]
 
 
-def _cat_ranges(storage: Storage, spans: Sequence[Span], in_flight: int) -> list[bytes | BaseException]:
-    paths = [storage.path(s.file) for s in spans]
+def _cat_ranges(storage: Storage, spans: Sequence[Span], in_flight: int) -> list[bytes | memoryview | BaseException]:
     starts, ends = [s.start for s in spans], [s.end for s in spans]
+    native = storage.object_reads()
+    if native is not None:
+        return native.cat_ranges([s.file for s in spans], starts, ends, in_flight)
+    paths = [storage.path(s.file) for s in spans]
     kwargs = {"batch_size": in_flight} if getattr(storage.fs, "async_impl", False) else {}
     try:
         return list(storage.fs.cat_ranges(paths, starts, ends, on_error="return", **kwargs))

@@ -258,8 +258,9 @@ class RowFieldReader:
             index = ra.indexes[shard] = self._parse_index(ra, shard, self.storage.read_range(rel, size - nbytes, nbytes))
         return index
 
-    def _parse_index(self, ra: _RowArray, shard: int, raw: bytes) -> np.ndarray:
+    def _parse_index(self, ra: _RowArray, shard: int, raw: bytes | memoryview) -> np.ndarray:
         """A shard file's index (offset, nbytes per row), its crc32c checked."""
+        raw = bytes(raw)  # google_crc32c takes read-only bytes only; an index is a few KB
         if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
             rel = ra.shard_file(shard)
             raise CacheFormatError(f"{self.storage.path(rel)}: shard index checksum mismatch (cache group "
