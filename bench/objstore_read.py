@@ -29,8 +29,10 @@ import numpy as np
 from .common import SDXL_BUCKET, SampleSource, cli, row, sdxl_spec, write_cache
 
 SIZES = {
-    "full": {"samples": 1024, "micro": 4, "batches": 96, "ahead": 16, "latencies": (0.02, 0.05), "window_shards": 2},
-    "smoke": {"samples": 16, "micro": 2, "batches": 4, "ahead": 4, "latencies": (0.02,), "window_shards": 2},
+    "full": {"samples": 2048, "micro": 4, "batches": 96, "ahead": 16, "latencies": (0.02, 0.05), "window_shards": 2,
+             "readers": 4},
+    "smoke": {"samples": 16, "micro": 2, "batches": 4, "ahead": 4, "latencies": (0.02,), "window_shards": 2,
+              "readers": 2},
 }
 GOAL = 0.5
 
@@ -44,34 +46,40 @@ def _plan(n: int, micro: int, batches: int, seed: int) -> list[Any]:
             for step in range(batches)]
 
 
-def window_plan(cache: str, n: int, micro: int, shards: int, seed: int) -> tuple[list[Any], int, int]:
-    """One epoch of the shard-window order (`train.shuffle: shard_window`) for one worker, the shard
-    files per field the worker keeps (`whole_shards`) and its prefetch horizon in micro-batches."""
+def window_plan(cache: str, n: int, micro: int, shards: int, seed: int, readers: int = 1,
+                ahead: int = 0) -> tuple[list[Any], int, int, int]:
+    """One epoch of the shard-window order (`train.shuffle: shard_window`) for the first of `readers`
+    ranks (one worker each), and how it reads as the trainer sets it (`train.data.shard_window_reads`):
+    whole shard files kept per field, rows held ahead per field, prefetch horizon in micro-batches."""
     from latentforge.shared.cache_reader import CacheReader
-    from latentforge.train.data import shard_window_for
+    from latentforge.train.data import shard_window_for, shard_window_reads
     from latentforge.train.sampler import GlobalBucketSchedule
 
     reader = CacheReader(cache)
     window = shard_window_for(reader, {SDXL_BUCKET: np.arange(n)}, shards)
     reader.close()
-    sched = GlobalBucketSchedule({SDXL_BUCKET: n}, micro, seed, window)
-    plan = list(itertools.islice(sched.micro_batches(sched.initial_state(), 0, 1, micro), sched.steps_per_epoch))
-    return plan, window.files_kept(micro), window.horizon(micro, micro, 1, 1)
+    sched = GlobalBucketSchedule({SDXL_BUCKET: n}, micro * readers, seed, window)
+    plan = list(itertools.islice(sched.micro_batches(sched.initial_state(), 0, readers, micro), sched.steps_per_epoch))
+    return plan, *shard_window_reads(window, micro * readers, micro, readers, 0, ahead)
 
 
 def worker_samples_per_s(url: str, opts: dict[str, Any], n: int, plan: list[Any], ahead: int,
                          read_through: tuple[str, int] | None = None, whole_shards: int = 0,
-                         server: Any = None, horizon: int = 0) -> tuple[float, Any]:
+                         server: Any = None, horizon: int = 0, ahead_rows: int = 0) -> tuple[float, Any, float]:
     """One worker's samples/s through `CachedBatches` over `plan`. Ranged reads first take a warm-up pass
     over every shard index (and, with `read_through`, wait until the shard files touched in it have been
-    copied), as a worker does once; whole-file reads (`whole_shards`) take none: a file's index comes
-    with it, so the timed pass pays for every byte it reads. Also returns what `server` (the loopback
-    store) saw during the timed pass."""
+    copied), as a worker does once; shard-window reads (`whole_shards`, `ahead_rows`) take none: the
+    timed pass pays for every byte it reads, and its rate is taken from the end of the first window
+    (the steady state: each window's reads fetched while the one before is served), the time to the
+    first batch returned apart. Returns (samples/s, what `server` saw in the timed pass, seconds to the
+    first batch)."""
     from latentforge.train.data import CachedBatches
     from latentforge.train.read_ahead import ReadAheadSampler
 
-    dataset = CachedBatches(url, opts, {SDXL_BUCKET: np.arange(n)}, ahead, read_through, whole_shards=whole_shards)
-    if whole_shards:  # open the cache and load the small fields (read whole, once per worker)
+    dataset = CachedBatches(url, opts, {SDXL_BUCKET: np.arange(n)}, ahead, read_through, whole_shards=whole_shards,
+                            ahead_rows=ahead_rows)
+    windowed = bool(whole_shards or ahead_rows)
+    if windowed:  # open the cache and load the small fields (read whole, once per worker)
         reader = dataset.reader()
         small = [f.spec.name for f in reader._layout(SDXL_BUCKET, None) if f.tensor and not f.per_row]
         reader.read_rows(SDXL_BUCKET, np.arange(n), fields=small)
@@ -86,14 +94,19 @@ def worker_samples_per_s(url: str, opts: dict[str, Any], n: int, plan: list[Any]
     items = list(ReadAheadSampler(plan, 1, ahead, horizon)) if ahead else plan
     if server is not None:
         server.reset_stats()
+    first = horizon if windowed else 0  # micro-batches of the first window, fetched with nothing to overlap
     t = time.perf_counter()
-    for item in items:
+    start = t
+    for i, item in enumerate(items):
         dataset[item]
-    elapsed = time.perf_counter() - t
+        if i + 1 == min(first, len(items) - 1):
+            start = time.perf_counter()
+    end = time.perf_counter()
     if dataset._ahead is not None:
         dataset._ahead.close()
     dataset.reader().close()
-    return sum(len(mb.items) for mb in plan) / elapsed, server.reset_stats() if server is not None else None
+    timed = sum(len(mb.items) for mb in plan[min(first, len(items) - 1):]) if start > t else sum(len(mb.items) for mb in plan)
+    return timed / (end - start), server.reset_stats() if server is not None else None, start - t
 
 
 def run(size: str, workdir: Path) -> dict[str, Any]:
@@ -108,9 +121,10 @@ def run(size: str, workdir: Path) -> dict[str, Any]:
     os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
     os.environ.pop("AWS_PROFILE", None)
     # Local: the global order (train.shuffle: auto on a local disk), one epoch of micro-batches.
-    local, _ = worker_samples_per_s(str(cache), {}, n, _plan(n, micro, n // micro, 1), 0)
-    local_window_plan, whole, horizon = window_plan(str(cache), n, micro, cfg["window_shards"], 5)
-    local_window, _ = worker_samples_per_s(str(cache), {}, n, local_window_plan, 0)
+    local, _, _ = worker_samples_per_s(str(cache), {}, n, _plan(n, micro, n // micro, 1), 0)
+    local_window_plan, whole, _, horizon = window_plan(str(cache), n, micro, cfg["window_shards"], 5)
+    local_window, _, _ = worker_samples_per_s(str(cache), {}, n, local_window_plan, 0)
+    readers = cfg["readers"]
     remote: dict[str, dict[str, float]] = {}
     with loopback_s3(process=True) as server:
         upload_tree(server.endpoint, str(cache), "s3://bench/cache")
@@ -118,17 +132,29 @@ def run(size: str, workdir: Path) -> dict[str, Any]:
         for latency in cfg["latencies"]:
             server.latency_s = latency
             ms = f"{latency * 1e3:.0f}ms"
-            plan, _, _ = window_plan(str(cache), n, micro, cfg["window_shards"], 2)
-            window, wstats = worker_samples_per_s("s3://bench/cache", opts, n, plan, cfg["ahead"], whole_shards=whole,
-                                                  server=server, horizon=horizon)
+            plan, _, _, _ = window_plan(str(cache), n, micro, cfg["window_shards"], 2)
+            window, wstats, wstart = worker_samples_per_s("s3://bench/cache", opts, n, plan, cfg["ahead"],
+                                                          whole_shards=whole, server=server, horizon=horizon)
+            # One of `readers` ranks: only its own rows, fetched ahead (no whole files: no repeated bytes).
+            rplan, _, ahead_rows, rhorizon = window_plan(str(cache), n, micro, cfg["window_shards"], 7, readers,
+                                                         cfg["ahead"])
+            shared, rstats, rstart = worker_samples_per_s("s3://bench/cache", opts, n, rplan, cfg["ahead"],
+                                                          server=server, horizon=rhorizon, ahead_rows=ahead_rows)
             ranged = _plan(n, micro, cfg["batches"], 3)
-            global_order, gstats = worker_samples_per_s("s3://bench/cache", opts, n, ranged, cfg["ahead"], server=server)
-            without, _ = worker_samples_per_s("s3://bench/cache", opts, n, _plan(n, micro, cfg["batches"], 4), 0)
-            copies, _ = worker_samples_per_s("s3://bench/cache", opts, n, _plan(n, micro, cfg["batches"], 6), cfg["ahead"],
-                                          read_through=(str(workdir / f"copies-{ms}"), 100 << 30))
+            global_order, gstats, _ = worker_samples_per_s("s3://bench/cache", opts, n, ranged, cfg["ahead"],
+                                                           server=server)
+            without, _, _ = worker_samples_per_s("s3://bench/cache", opts, n, _plan(n, micro, cfg["batches"], 4), 0)
+            copies, _, _ = worker_samples_per_s("s3://bench/cache", opts, n, _plan(n, micro, cfg["batches"], 6),
+                                                cfg["ahead"], read_through=(str(workdir / f"copies-{ms}"), 100 << 30))
             shutil.rmtree(workdir / f"copies-{ms}", ignore_errors=True)
-            remote[ms] = {"samples_per_s": window, "vs_local": window / local,
+            per_sample = sum(len(mb.items) for mb in plan)
+            remote[ms] = {"samples_per_s": window, "vs_local": window / local, "first_batch_s": wstart,
+                          "bytes_per_sample": wstats.range_bytes / per_sample,
                           "gets_per_micro_batch": len(wstats.gets) / len(plan), "max_in_flight": wstats.max_in_flight,
+                          "readers": readers, "rows_samples_per_s": shared, "rows_vs_local": shared / local,
+                          "rows_first_batch_s": rstart,
+                          "rows_bytes_per_sample": rstats.range_bytes / sum(len(mb.items) for mb in rplan),
+                          "rows_gets_per_micro_batch": len(rstats.gets) / len(rplan),
                           "global_order_samples_per_s": global_order, "global_order_vs_local": global_order / local,
                           "global_order_gets_per_micro_batch": len(gstats.gets) / len(ranged),
                           "global_order_max_in_flight": gstats.max_in_flight,
@@ -142,8 +168,15 @@ def run(size: str, workdir: Path) -> dict[str, Any]:
         goal = ms == "20ms"
         table.append(row(f"object store at {ms} per request vs local, per worker (shard-window order)", r["vs_local"], "x",
                          f">= {GOAL}x" if goal else "", (r["vs_local"] >= GOAL) if goal else None,
-                         f"{r['samples_per_s']:.0f} samples/s, window {cfg['window_shards']} shard files, whole files "
-                         f"(up to {whole} per field kept); {r['gets_per_micro_batch']:.2f} GETs per micro-batch"))
+                         f"{r['samples_per_s']:.0f} samples/s from the second window on (first batch after "
+                         f"{r['first_batch_s']:.1f} s), window {cfg['window_shards']} shard files, whole files (up to "
+                         f"{whole} per field kept); {r['gets_per_micro_batch']:.2f} GETs per micro-batch, "
+                         f"{r['bytes_per_sample'] / 1e3:.0f} kB fetched per sample read"))
+        table.append(row(f"  one of {readers} readers, its own rows fetched ahead, {ms}", r["rows_vs_local"], "x", "", None,
+                         f"{r['rows_samples_per_s']:.0f} samples/s (first batch after {r['rows_first_batch_s']:.1f} s); "
+                         f"{r['rows_gets_per_micro_batch']:.1f} GETs per micro-batch, "
+                         f"{r['rows_bytes_per_sample'] / 1e3:.0f} kB fetched per sample read (whole files: "
+                         f"{readers}x the cache per epoch)"))
         table.append(row(f"  global order, ranged reads, {ms}", r["global_order_vs_local"], "x", "", None,
                          f"{r['global_order_samples_per_s']:.0f} samples/s with read-ahead {cfg['ahead']}, "
                          f"{r['no_read_ahead_samples_per_s']:.0f} without; {r['global_order_gets_per_micro_batch']:.1f} "

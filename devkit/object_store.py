@@ -26,9 +26,11 @@ _ERRORS = {503: (b"SlowDown", b"Please reduce your request rate."),
 
 @dataclass
 class StoreStats:
-    """What the server saw: GET requests (by path) and the most GETs in flight at once."""
+    """What the server saw: GET requests (by path), the bytes of ranged answers and the most GETs in
+    flight at once."""
 
     gets: list[str] = field(default_factory=list)
+    range_bytes: int = 0
     failed: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
@@ -56,6 +58,8 @@ class _Middleware:
             if not status and get and environ.get("HTTP_RANGE"):
                 ranged = _range_response(environ, start_response, self.server.objects)
                 if ranged is not None:
+                    with stats.lock:
+                        stats.range_bytes += len(ranged[0])
                     return ranged
             if status:
                 with stats.lock:
@@ -169,7 +173,8 @@ class LoopbackS3:
             body = b"{}"
         else:
             old = self.reset_stats()
-            body = json.dumps({"gets": old.gets, "failed": old.failed, "max_in_flight": old.max_in_flight}).encode()
+            body = json.dumps({"gets": old.gets, "failed": old.failed, "max_in_flight": old.max_in_flight,
+                               "range_bytes": old.range_bytes}).encode()
         start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
         return [body]
 
@@ -216,7 +221,8 @@ class ProcessS3:
 
     def reset_stats(self) -> StoreStats:
         got = json.loads(self._ask("stats"))
-        return StoreStats(gets=got["gets"], failed=got["failed"], max_in_flight=got["max_in_flight"])
+        return StoreStats(gets=got["gets"], failed=got["failed"], max_in_flight=got["max_in_flight"],
+                          range_bytes=got["range_bytes"])
 
     def stop(self) -> None:
         if self._proc.stdin is not None:

@@ -34,6 +34,7 @@ from .cache_format import (
 )
 from .model_check import check_model_files
 from .read_through import ReadThroughCache
+from .row_memory import RowMemory
 from .row_reader import RowFieldReader
 from .shard_memory import ShardMemory
 from .storage import Storage
@@ -57,11 +58,13 @@ class CacheReader:
     """An opened cache: its spec, committed groups, bucket counts and batched row reads."""
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *,
-                 read_through: tuple[str, int] | None = None, whole_files: int = 0) -> None:
+                 read_through: tuple[str, int] | None = None, whole_files: int = 0, ahead_rows: int = 0) -> None:
         """Open the cache at `url`. `read_through`: (folder, bytes) for local copies of the shard files of a
         cache on an object store (`read_through.py`); `whole_files` > 0: read an object store's shard files
-        whole, keeping that many in memory (`shard_memory.py`, for the shard-window order). Both are
-        ignored for a local cache."""
+        whole, keeping that many in memory (`shard_memory.py`, for the shard-window order with one reader);
+        else `ahead_rows` > 0: `prefetch` fetches just the rows asked for, holding up to that many row
+        chunks (`row_memory.py`, the shard-window order with several readers). All are ignored for a local
+        cache."""
         self.storage = Storage(url, storage_options)
         self.url = self.storage.url
         if not self.storage.exists(CACHE_JSON):
@@ -89,8 +92,10 @@ class CacheReader:
             self._bucket_offsets[name] = np.cumsum([0] + [self._by_id[i].bucket_counts[name] for i in ids])
         copies = (ReadThroughCache(self.storage, read_through[0], read_through[1])
                   if read_through and not self.storage.is_local else None)
-        memory = ShardMemory(self.storage, whole_files) if whole_files > 0 and not self.storage.is_local else None
-        self._rows = RowFieldReader(self.storage, self._by_id, read_through=copies, shard_memory=memory)
+        remote = not self.storage.is_local
+        memory = ShardMemory(self.storage, whole_files) if whole_files > 0 and remote else None
+        ahead = RowMemory(ahead_rows) if ahead_rows > 0 and memory is None and remote else None
+        self._rows = RowFieldReader(self.storage, self._by_id, read_through=copies, shard_memory=memory, row_memory=ahead)
         # (bucket, field) -> (that field over all the bucket's rows, the group indexes loaded into it)
         self._small: dict[tuple[str, str], tuple[np.ndarray, set[int]]] = {}
         self._layouts: dict[tuple[tuple[int, int], tuple[str, ...] | None], list[_FieldLayout]] = {}
@@ -181,10 +186,10 @@ class CacheReader:
         return out
 
     def prefetch(self, bucket: tuple[int, int], rows: Sequence[int] | np.ndarray, fields: Sequence[str] | None = None) -> None:
-        """Start fetching, in the background, the whole shard files a later `read_rows` of these rows will
-        need (only when reading whole files, `whole_files`; otherwise nothing). Never raises: a failed
-        prefetch leaves the read to fetch, and report, on its own."""
-        if self._rows.shard_memory is None or not len(rows):
+        """Start fetching, in the background, what a later `read_rows` of these rows will need: the whole
+        shard files holding them (`whole_files`) or their chunks (`ahead_rows`); otherwise nothing. Never
+        raises: a failed prefetch leaves the read to fetch, and report, on its own."""
+        if (self._rows.shard_memory is None and self._rows.row_memory is None) or not len(rows):
             return
         name = bucket_name(bucket)
         gidx, local = self.locate(bucket, rows)

@@ -6,13 +6,15 @@ inside shard files of `shard_rows` rows, so a row is one byte range: this module
 file's index once (the standard sharding-codec index at the end of the file, crc32c-checked), then
 decodes each row straight from a read-only mapping of the file (local disks) or, for object stores, from
 merged ranges fetched in one concurrent round per batch (`range_reads.py`) into the caller's batch buffer,
-or, with a `ShardMemory` (shard-window order), from whole shard files kept in memory, each fetched with
-one request (its index parsed from its tail). `CacheReader` owns one per opened cache.
+or, with a `ShardMemory` (shard-window order, one reader), from whole shard files kept in memory, each
+fetched with one request (its index parsed from its tail), or, with a `RowMemory` (shard-window order,
+several readers), from the row chunks fetched ahead for this worker alone. `CacheReader` owns one per opened cache.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ import numpy as np
 from .cache_format import SHARDS_DIR, CacheFormatError, FieldSpec, GroupManifest
 from .range_reads import IN_FLIGHT, Span, coalesce, read_spans
 from .read_through import ReadThroughCache
+from .row_memory import RowMemory
 from .shard_memory import ShardMemory
 from .storage import Storage
 
@@ -66,14 +69,18 @@ class RowFieldReader:
     """Per-row reads of big fields for one cache: shard indexes parsed once, then kept."""
 
     def __init__(self, storage: Storage, manifests: Mapping[str, GroupManifest], in_flight: int = IN_FLIGHT,
-                 read_through: ReadThroughCache | None = None, shard_memory: ShardMemory | None = None) -> None:
+                 read_through: ReadThroughCache | None = None, shard_memory: ShardMemory | None = None,
+                 row_memory: RowMemory | None = None) -> None:
         self.storage = storage
         self.manifests = manifests
         self.in_flight = in_flight
         self.read_through = read_through  # object stores: local copies of shard files (`read_through.py`)
         self.shard_memory = shard_memory  # object stores: whole shard files in memory (`shard_memory.py`)
+        self.row_memory = row_memory  # object stores: this worker's coming rows, fetched ahead (`row_memory.py`)
         self._arrays: dict[tuple[str, str, str], _RowArray] = {}
         self._prefetcher: ThreadPoolExecutor | None = None  # one thread: whole-file prefetches, in order
+        self._newest: Sequence[tuple[Sequence[str], str, FieldSpec, np.ndarray, np.ndarray]] | None = None
+        self._newest_lock = threading.Lock()
 
     def read(self, groups: Sequence[str], name: str, spec: FieldSpec, gidx: np.ndarray, local: np.ndarray,
              out: np.ndarray) -> None:
@@ -117,6 +124,17 @@ class RowFieldReader:
                 else:
                     self._decode_row(ra, file, local[offset: offset + nbytes], target)
             requests, targets = [requests[i] for i in remote], [targets[i] for i in remote]
+        if self.row_memory is not None:
+            remote = []
+            for i, ((file, offset, _), (ra, target)) in enumerate(zip(requests, targets, strict=True)):
+                chunk = self.row_memory.take((file, offset))
+                if chunk is None:
+                    remote.append(i)
+                else:
+                    self._decode_row(ra, file, chunk, target)
+            requests, targets = [requests[i] for i in remote], [targets[i] for i in remote]
+        if not requests:
+            return
         spans = coalesce(requests)
         for span, blob in zip(spans, read_spans(self.storage, spans, in_flight=self.in_flight), strict=True):
             view = memoryview(blob)
@@ -126,13 +144,28 @@ class RowFieldReader:
                 self._decode_row(ra, file, view[offset - span.start: offset - span.start + nbytes], target)
 
     def prefetch(self, jobs: Sequence[tuple[Sequence[str], str, FieldSpec, np.ndarray, np.ndarray]]) -> None:
-        """Queue a background fetch of the whole shard files holding these rows (`read_fields` jobs
-        without their targets) into the shard memory."""
-        if self.shard_memory is None:
+        """Queue a background fetch of these rows (`read_fields` jobs without their targets): the whole
+        shard files holding them into the shard memory, or just their chunks into the row memory."""
+        if self.shard_memory is None and self.row_memory is None:
             return
         if self._prefetcher is None:
             self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lf-shard-prefetch")
-        self._prefetcher.submit(self._prefetch_now, jobs)
+        if self.row_memory is None:
+            self._prefetcher.submit(self._prefetch_now, jobs)
+            return
+        # Rows: only the newest request matters (each names the worker's rows up to its horizon, so it covers
+        # what older ones still need). Working through every queued one would cost a round trip each, for a
+        # micro-batch's worth of new rows: one micro-batch per round trip, far behind the reader.
+        with self._newest_lock:
+            queued, self._newest = self._newest is not None, jobs
+        if not queued:
+            self._prefetcher.submit(self._prefetch_newest, self.row_memory)
+
+    def _prefetch_newest(self, memory: RowMemory) -> None:
+        with self._newest_lock:
+            jobs, self._newest = self._newest, None
+        if jobs:
+            self._prefetch_rows(jobs, memory)
 
     def _prefetch_now(self, jobs: Sequence[tuple[Sequence[str], str, FieldSpec, np.ndarray, np.ndarray]]) -> None:
         assert self.shard_memory is not None
@@ -146,6 +179,36 @@ class RowFieldReader:
             self.shard_memory.get_many(sizes)
         except Exception:  # noqa: BLE001 - the read itself fetches again and reports a lasting failure
             pass
+
+    def _prefetch_rows(self, jobs: Sequence[tuple[Sequence[str], str, FieldSpec, np.ndarray, np.ndarray]],
+                       memory: RowMemory) -> None:
+        """Fetch the chunks of these rows not held or under way yet: their shard indexes first (one round),
+        then the merged ranges (one more)."""
+        rows = []
+        for groups, name, spec, gidx, local in jobs:
+            for gi, lr in sorted({(int(g), int(r)) for g, r in zip(gidx, local, strict=True)}):
+                ra = self._row_array(groups[gi], name, spec)
+                rows.append((ra, *divmod(lr, ra.shard_rows)))
+        mine: list[tuple[str, int]] = []
+        try:
+            self._fetch_indexes({(ra.rel, shard): (ra, shard) for ra, shard, _ in rows if shard not in ra.indexes})
+            requests = {}
+            for ra, shard, within in rows:
+                offset, nbytes = ra.indexes[shard][within]
+                if offset != _EMPTY:
+                    requests[(ra.shard_file(shard), int(offset))] = int(nbytes)
+            mine = memory.claim(requests)
+            wanted = [(file, offset, requests[(file, offset)]) for file, offset in mine]
+            spans = coalesce(wanted)
+            chunks = {}
+            for span, blob in zip(spans, read_spans(self.storage, spans, in_flight=self.in_flight), strict=True):
+                view = memoryview(blob)
+                for i in span.members:
+                    file, offset, nbytes = wanted[i]
+                    chunks[(file, offset)] = view[offset - span.start: offset - span.start + nbytes]
+            memory.fill(chunks)
+        except Exception:  # noqa: BLE001 - the read itself fetches again and reports a lasting failure
+            memory.drop(mine)
 
     def close(self) -> None:
         """Stop the prefetch thread (queued prefetches are dropped)."""

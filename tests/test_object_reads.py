@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 
+import numpy as np
 import pytest
 
 from latentforge.devkit.object_store import loopback_s3
@@ -68,3 +69,78 @@ def test_obstore_reads_equal_s3fs_reads_and_fail_in_one_line(monkeypatch):
         server.fail = None
         with pytest.raises(StorageReadError, match=r"NoSuchKey.*the cache changed after commit"):
             read_spans(fast, [Span("missing", 0, 10, (0,))])
+
+
+def test_row_memory_holds_claimed_rows_once_and_readers_wait_for_fetches_under_way():
+    import threading
+
+    from latentforge.shared.row_memory import RowMemory
+
+    memory = RowMemory(max_rows=3)
+    assert memory.claim(["a", "b"]) == ["a", "b"] and memory.claim(["a", "c"]) == ["c"]  # a: under way
+    got = {}
+    reader = threading.Thread(target=lambda: got.setdefault("a", memory.take("a")))
+    reader.start()
+    memory.fill({"a": memoryview(b"A"), "b": memoryview(b"B")})
+    reader.join(5)
+    assert bytes(got["a"]) == b"A" and memory.take("a") is None  # taken once, then gone
+    memory.drop(["c"])  # its fetch failed: claimable again, until its reader reads it itself
+    assert memory.claim(["c"]) == ["c"]
+    memory.drop(["c"])
+    assert memory.take("c") is None and memory.claim(["c"]) == []  # read directly now: never fetched again
+    memory.claim(["d", "e", "f"])
+    memory.fill({"d": memoryview(b"D"), "e": memoryview(b"E"), "f": memoryview(b"F")})
+    assert memory.take("b") is None and bytes(memory.take("f")) == b"F"  # at most 3 held: the oldest went
+
+
+def test_one_reader_reads_whole_files_several_read_only_their_rows():
+    from latentforge.train.data import shard_window_reads
+    from latentforge.train.shard_window import ShardWindow
+
+    window = ShardWindow({(64, 64): np.zeros(4096, dtype=np.int64)}, shards=2, shard_rows=256)
+    whole, rows, horizon = shard_window_reads(window, 64, 4, 1, 0, 16)
+    assert (whole, rows, horizon) == (window.files_kept(64), 0, 128)
+    whole, rows, horizon = shard_window_reads(window, 64, 4, 8, 4, 16)
+    assert whole == 0 and horizon == 64 and rows == (2 * 64 + 16) * 4
+    assert shard_window_reads(None, 64, 4, 8, 4, 16) == (0, 0, 0)
+
+
+def test_prefetched_rows_serve_the_read_without_requests_and_only_those_rows_are_fetched(small_cache, monkeypatch):
+    import torch
+
+    from latentforge.devkit.object_store import upload_tree
+    from latentforge.shared.cache_reader import CacheReader
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    fields = ["latent_mean", "prompt_embeds", "pooled_prompt_embeds"]
+    with loopback_s3() as server:
+        url = f"s3://lf-rows-{uuid.uuid4().hex[:12]}/c"
+        upload_tree(server.endpoint, str(small_cache), url)
+        local, remote = CacheReader(str(small_cache)), CacheReader(url, {"endpoint_url": server.endpoint}, ahead_rows=64)
+        try:
+            bucket, count = max(local.bucket_counts().items(), key=lambda kv: kv[1])
+            rows = np.arange(0, count, 3)  # every third row: this worker's share
+            remote.read_rows(bucket, rows, fields=["pooled_prompt_embeds"])  # opens the cache, loads the small field
+            server.reset_stats()
+            remote.prefetch(bucket, rows, fields)
+            remote._rows._prefetcher.shutdown(wait=True)
+            remote._rows._prefetcher = None
+            fetched = server.reset_stats()
+            assert remote._rows.row_memory.fetched == len(rows) * 2  # the two per-row fields, once each
+            got = remote.read_rows(bucket, rows, fields=fields)
+            assert server.reset_stats().gets == []  # every row from memory
+            want = local.read_rows(bucket, rows, fields=fields)
+            for name in fields:
+                assert torch.equal(got[name], want[name]), name
+            # Only this worker's rows crossed the wire (a third of the rows, with gaps under 64 KiB merged),
+            # not the whole shard files: well under the files' bytes.
+            files = {ra.shard_file(s): ra.expected_sizes[ra.shard_file(s)[len(ra.rel) + 1:]]
+                     for ra in remote._rows._arrays.values() for s in ra.indexes}
+            shard_gets = [g for g in fetched.gets if "/c/0" in g]  # indexes and row ranges, not metadata
+            assert 1 <= len(shard_gets) <= 2 * len(rows) * 2
+            assert 0 < fetched.range_bytes < 0.6 * sum(files.values()), (fetched.range_bytes, files)
+        finally:
+            local.close()
+            remote.close()

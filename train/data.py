@@ -102,24 +102,28 @@ class CachedBatches(Dataset):
 
     def __init__(self, url: str, storage_options: Mapping[str, Any], rows: Mapping[tuple[int, int], np.ndarray],
                  read_ahead: int = 0, read_through: tuple[str, int] | None = None, *, control: bool = False,
-                 item_sources: Mapping[tuple[int, int], np.ndarray] | None = None, whole_shards: int = 0) -> None:
+                 item_sources: Mapping[tuple[int, int], np.ndarray] | None = None, whole_shards: int = 0,
+                 ahead_rows: int = 0) -> None:
         """`control`: also read the cached control images (ControlNet training); `item_sources`: the source
-        index of each item, per bucket (per-source loss weights); `whole_shards` > 0: on an object store,
-        fetch shard files whole and keep that many per field in memory (the shard-window order's reads)."""
+        index of each item, per bucket (per-source loss weights); on an object store in the shard-window
+        order, `whole_shards` > 0: fetch shard files whole and keep that many per field in memory (one
+        reader), or `ahead_rows` > 0: fetch just the rows of the worker's coming micro-batches, holding up
+        to that many per field (several readers: see `shard_window_reads`)."""
         self.url, self.storage_options = url, dict(storage_options)
         self.read_through = read_through  # (folder, bytes): local copies of an object-store cache's shard files
         self.wanted = (*TRAIN_FIELDS, "conditioning") if control else TRAIN_FIELDS
         self.rows = {tuple(b): r for b, r in rows.items()}
         self.item_sources = {tuple(b): s for b, s in (item_sources or {}).items()}
         self.read_ahead = read_ahead  # micro-batches read concurrently ahead per worker (`read_ahead.py`)
-        self.whole_shards = whole_shards
+        self.whole_shards, self.ahead_rows = whole_shards, ahead_rows
         self._reader: CacheReader | None = None  # opened lazily in each worker process
         self._ahead: ReadAheadReader[MicroBatch] | None = None
 
     def reader(self) -> CacheReader:
         if self._reader is None:
             self._reader = CacheReader(self.url, self.storage_options, read_through=self.read_through,
-                                       whole_files=self.whole_shards * len(self.wanted))
+                                       whole_files=self.whole_shards * len(self.wanted),
+                                       ahead_rows=self.ahead_rows * len(self.wanted))
         return self._reader
 
     def __len__(self) -> int:  # a map-style dataset must have one; the sampler decides what is read
@@ -129,7 +133,7 @@ class CachedBatches(Dataset):
         if isinstance(item, WithAhead):
             if self._ahead is None:
                 self._ahead = ReadAheadReader(self._read, max(1, self.read_ahead))
-            if item.later and self.whole_shards:  # the next window's shard files, in the background
+            if item.later and (self.whole_shards or self.ahead_rows):  # the next window's reads, in the background
                 self._prefetch(item.later)
             return self._ahead.get(item.item, item.ahead)
         return self._read(item)
@@ -175,6 +179,24 @@ def resolve_shuffle(config: Config, remote: bool) -> str:
     if mode == "auto":
         return "shard_window" if remote and not weighted else "global"
     return mode
+
+
+def shard_window_reads(window: ShardWindow | None, global_batch: int, micro: int, world: int, workers: int,
+                       read_ahead: int) -> tuple[int, int, int]:
+    """How a worker reads a remote cache in the shard-window order: (`whole_shards`, `ahead_rows`,
+    prefetch horizon in micro-batches) for `CachedBatches` and `build_loader`. One reader of a window
+    (one rank, at most one DataLoader worker) fetches its shard files whole: one request per file part,
+    and it reads every row of them. Several readers each fetch only their own rows' chunks: whole files
+    would make every one of them download every file, `world x workers` times the cache's bytes per epoch.
+    Rows are held one by one, not by file, so their reach may pass the window: at least 4 x `read_ahead`
+    micro-batches, so each row has arrived when the read-ahead asks for it."""
+    if window is None:
+        return 0, 0, 0
+    horizon = window.horizon(global_batch, micro, world, workers)
+    if world * max(1, workers) == 1:
+        return window.files_kept(global_batch), 0, horizon
+    horizon = max(horizon, 4 * read_ahead)
+    return 0, (2 * horizon + read_ahead) * micro, horizon
 
 
 def shard_window_for(reader: CacheReader, train_rows: Mapping[tuple[int, int], np.ndarray], shards: int) -> ShardWindow:

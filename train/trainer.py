@@ -29,7 +29,14 @@ from . import objective as obj
 from .checkpoint import TrainState, find_checkpoint, load_checkpoint, save_checkpoint
 from .checkpoint_weights import read_trainer_state
 from .controlnet import controlnet_adapter, validation_controls
-from .data import CachedBatches, CachedSamples, build_loader, resolve_shuffle, shard_window_for
+from .data import (
+    CachedBatches,
+    CachedSamples,
+    build_loader,
+    resolve_shuffle,
+    shard_window_for,
+    shard_window_reads,
+)
 from .distributed import build_engine, deepspeed_config, init_distributed, lost_peer
 from .ema import build_ema
 from .evaluation import check_evaluation
@@ -178,13 +185,11 @@ class Trainer:
         stop = min(t.max_steps, until) if until is not None else t.max_steps
         ahead = t.read_ahead if t.read_ahead is not None else (0 if self.cache.storage.is_local else 16)
         copies = (t.read_through_dir, int(t.read_through_gb * 1e9)) if t.read_through_dir else None
-        window = self.schedule.shard_window
-        whole = window.files_kept(self.global_batch) if window is not None else 0
-        horizon = (window.horizon(self.global_batch, t.micro_batch_size, self.dist.world, t.num_workers)
-                   if window is not None else 0)
+        whole, ahead_rows, horizon = shard_window_reads(self.schedule.shard_window, self.global_batch,
+                                                        t.micro_batch_size, self.dist.world, t.num_workers, ahead)
         dataset = CachedBatches(self.cache.url, dict(self.config.cache.storage_options), self.samples.train_rows, ahead,
                                 copies, control=t.controlnet.enabled, item_sources=self.samples.item_sources,
-                                whole_shards=whole)
+                                whole_shards=whole, ahead_rows=ahead_rows)
         sampler = MicroBatchSampler(self.schedule, self.state, self.dist.rank, self.dist.world, t.micro_batch_size)
         batches = iter(build_loader(dataset, sampler, self.config, horizon))
         if t.validation_every:  # before any training: at step 0 this renders the base model's row
