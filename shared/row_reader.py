@@ -28,7 +28,7 @@ from .cache_format import SHARDS_DIR, CacheFormatError, FieldSpec, GroupManifest
 from .range_reads import IN_FLIGHT, Span, coalesce, read_spans
 from .read_through import ReadThroughCache
 from .row_memory import RowMemory
-from .shard_memory import ShardMemory
+from .shard_memory import PartedFile, ShardMemory
 from .storage import Storage
 
 _EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -58,6 +58,11 @@ def _decoder_for(codecs: Sequence[Mapping[str, Any]]) -> Any:
     if names[:1] == ["bytes"] and len(names) == 2 and names[1] in ("blosc", "zstd"):
         return numcodecs.Blosc() if names[1] == "blosc" else numcodecs.Zstd()
     raise CacheFormatError(f"unsupported inner codec chain {names}")
+
+
+def _bytes_of(blob: PartedFile | np.ndarray, start: int, end: int) -> memoryview | bytes:
+    """Bytes `[start, end)` of a whole file: fetched in parts (`PartedFile`) or a local copy's mapping."""
+    return blob.slice(start, end) if isinstance(blob, PartedFile) else memoryview(blob)[start:end]
 
 
 def _group_dir(storage: Storage, rel: str) -> str:
@@ -235,15 +240,16 @@ class RowFieldReader:
         blobs.update(self.shard_memory.get_many(sizes))
         for ra, shard, within, target in where:
             rel = ra.shard_file(shard)
-            blob = memoryview(blobs[rel])
+            blob = blobs[rel]
             index = ra.indexes.get(shard)
             if index is None:
-                index = ra.indexes[shard] = self._parse_index(ra, shard, bytes(blob[-(ra.shard_rows * 16 + 4):]))
+                size = len(blob)
+                index = ra.indexes[shard] = self._parse_index(ra, shard, _bytes_of(blob, size - (ra.shard_rows * 16 + 4), size))
             offset, nbytes = index[within]
             if offset == _EMPTY:
                 target[...] = 0
                 continue
-            self._decode_row(ra, rel, blob[int(offset): int(offset) + int(nbytes)], target)
+            self._decode_row(ra, rel, _bytes_of(blob, int(offset), int(offset) + int(nbytes)), target)
 
     def _committed_size(self, ra: _RowArray, shard: int) -> int:
         """The size of a shard file as its group's manifest committed it (a missing entry: a changed cache)."""

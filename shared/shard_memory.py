@@ -24,12 +24,39 @@ from .storage import Storage
 PART = 32 << 20
 
 
+class PartedFile:
+    """A file's bytes as the parts they arrived in (`part` bytes each, the last shorter): joining them into
+    one buffer would copy every byte once more on the worker's core, which it needs for decoding."""
+
+    def __init__(self, parts: list[bytes | memoryview], part: int) -> None:
+        self.parts, self.part = [memoryview(p) for p in parts], part
+        self.size = sum(len(p) for p in self.parts)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def slice(self, start: int, end: int) -> memoryview | bytes:
+        """Bytes `[start, end)`: a view into one part, or the pieces of several joined (a row chunk that
+        straddles a part boundary, rare with parts far larger than rows)."""
+        if end <= start:
+            return b""
+        first, last = start // self.part, (end - 1) // self.part
+        if first == last:
+            base = first * self.part
+            return self.parts[first][start - base: end - base]
+        pieces = []
+        for i in range(first, last + 1):
+            base = i * self.part
+            pieces.append(self.parts[i][max(start, base) - base: min(end, base + self.part) - base])
+        return b"".join(pieces)
+
+
 class _Pending:
     """A fetch under way: other callers wait on `done`, then read `data` (None: it failed, fetch again)."""
 
     def __init__(self) -> None:
         self.done = threading.Event()
-        self.data: bytes | None = None
+        self.data: PartedFile | None = None
 
 
 class ShardMemory:
@@ -39,15 +66,15 @@ class ShardMemory:
         if max_files < 1:
             raise ValueError(f"max_files must be >= 1, got {max_files}")
         self.storage, self.max_files, self.in_flight = storage, max_files, in_flight
-        self._files: OrderedDict[str, bytes] = OrderedDict()
+        self._files: OrderedDict[str, PartedFile] = OrderedDict()
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
         self.fetched = 0  # files this process requested (benchmarks and tests)
 
-    def get_many(self, sizes: Mapping[str, int]) -> dict[str, bytes]:
+    def get_many(self, sizes: Mapping[str, int]) -> dict[str, PartedFile]:
         """The bytes of every file in `sizes` (relative path -> committed size): kept ones at once, the
         missing ones in one concurrent round of whole-file requests (retried as `read_spans` does)."""
-        out: dict[str, bytes] = {}
+        out: dict[str, PartedFile] = {}
         while len(out) < len(sizes):
             mine: dict[str, _Pending] = {}
             theirs: dict[str, _Pending] = {}
@@ -77,10 +104,9 @@ class ShardMemory:
                  for lo in range(0, sizes[rel], PART)]
         try:
             parts = read_spans(self.storage, spans, in_flight=self.in_flight)
-            blobs: list[bytes] = []
+            blobs: list[PartedFile] = []
             for i in range(len(rels)):
-                mine_parts = [p for span, p in zip(spans, parts, strict=True) if span.members == (i,)]
-                blobs.append(mine_parts[0] if len(mine_parts) == 1 else b"".join(mine_parts))
+                blobs.append(PartedFile([p for span, p in zip(spans, parts, strict=True) if span.members == (i,)], PART))
         except BaseException:
             with self._lock:
                 for rel in rels:

@@ -144,3 +144,23 @@ def test_prefetched_rows_serve_the_read_without_requests_and_only_those_rows_are
         finally:
             local.close()
             remote.close()
+
+
+def test_a_file_kept_in_parts_slices_like_the_whole_file():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from latentforge.shared.shard_memory import PartedFile
+
+    files = (bytes(range(256)) * 4 + b"tail", bytes(range(200)) * 5)  # the last part short, or not
+    parted = [PartedFile([d[lo: lo + 100] for lo in range(0, len(d), 100)], 100) for d in files]
+    assert [len(p) for p in parted] == [len(d) for d in files]
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.integers(0, 1), st.integers(0, 1028), st.integers(0, 1028))
+    def same(which: int, a: int, b: int) -> None:
+        data = files[which]
+        start, end = sorted((min(a, len(data)), min(b, len(data))))
+        assert bytes(parted[which].slice(start, end)) == data[start:end]
+
+    same()
