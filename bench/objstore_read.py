@@ -35,6 +35,7 @@ SIZES = {
               "readers": 2},
 }
 GOAL = 0.5
+CPU_SECONDS: dict[str, float | None] = {}  # of the last timed pass: this (worker) process, the store process
 
 
 def _plan(n: int, micro: int, batches: int, seed: int) -> list[Any]:
@@ -94,7 +95,11 @@ def worker_samples_per_s(url: str, opts: dict[str, Any], n: int, plan: list[Any]
     items = list(ReadAheadSampler(plan, 1, ahead, horizon)) if ahead else plan
     if server is not None:
         server.reset_stats()
-    first = horizon if windowed else 0  # micro-batches of the first window, fetched with nothing to overlap
+    # Micro-batches of the first window, fetched with nothing to overlap (an epoch too short for a steady
+    # state, the smoke size, is timed whole).
+    first = horizon if windowed and len(items) >= 2 * horizon else 0
+    cpu = time.process_time()
+    store_cpu = server.cpu_seconds() if server is not None and hasattr(server, "cpu_seconds") else None
     t = time.perf_counter()
     start = t
     for i, item in enumerate(items):
@@ -102,6 +107,8 @@ def worker_samples_per_s(url: str, opts: dict[str, Any], n: int, plan: list[Any]
         if i + 1 == min(first, len(items) - 1):
             start = time.perf_counter()
     end = time.perf_counter()
+    CPU_SECONDS.update(worker=time.process_time() - cpu,
+                       store=(server.cpu_seconds() - store_cpu) if store_cpu is not None else None)
     if dataset._ahead is not None:
         dataset._ahead.close()
     dataset.reader().close()
@@ -122,6 +129,7 @@ def run(size: str, workdir: Path) -> dict[str, Any]:
     os.environ.pop("AWS_PROFILE", None)
     # Local: the global order (train.shuffle: auto on a local disk), one epoch of micro-batches.
     local, _, _ = worker_samples_per_s(str(cache), {}, n, _plan(n, micro, n // micro, 1), 0)
+    local_cpu_per_sample = CPU_SECONDS["worker"] / n
     local_window_plan, whole, _, horizon = window_plan(str(cache), n, micro, cfg["window_shards"], 5)
     local_window, _, _ = worker_samples_per_s(str(cache), {}, n, local_window_plan, 0)
     readers = cfg["readers"]
@@ -135,6 +143,7 @@ def run(size: str, workdir: Path) -> dict[str, Any]:
             plan, _, _, _ = window_plan(str(cache), n, micro, cfg["window_shards"], 2)
             window, wstats, wstart = worker_samples_per_s("s3://bench/cache", opts, n, plan, cfg["ahead"],
                                                           whole_shards=whole, server=server, horizon=horizon)
+            wcpu = dict(CPU_SECONDS)
             # One of `readers` ranks: only its own rows, fetched ahead (no whole files: no repeated bytes).
             rplan, _, ahead_rows, rhorizon = window_plan(str(cache), n, micro, cfg["window_shards"], 7, readers,
                                                          cfg["ahead"])
@@ -148,7 +157,11 @@ def run(size: str, workdir: Path) -> dict[str, Any]:
                                                 cfg["ahead"], read_through=(str(workdir / f"copies-{ms}"), 100 << 30))
             shutil.rmtree(workdir / f"copies-{ms}", ignore_errors=True)
             per_sample = sum(len(mb.items) for mb in plan)
+            per_sample_cpu = wcpu["worker"] / per_sample
             remote[ms] = {"samples_per_s": window, "vs_local": window / local, "first_batch_s": wstart,
+                          "worker_cpu_ms_per_sample": 1e3 * per_sample_cpu,
+                          "worker_cpu_vs_local": per_sample_cpu / local_cpu_per_sample,
+                          "store_cpu_ms_per_sample": 1e3 * wcpu["store"] / per_sample if wcpu["store"] is not None else None,
                           "bytes_per_sample": wstats.range_bytes / per_sample,
                           "gets_per_micro_batch": len(wstats.gets) / len(plan), "max_in_flight": wstats.max_in_flight,
                           "readers": readers, "rows_samples_per_s": shared, "rows_vs_local": shared / local,
@@ -172,6 +185,10 @@ def run(size: str, workdir: Path) -> dict[str, Any]:
                          f"{r['first_batch_s']:.1f} s), window {cfg['window_shards']} shard files, whole files (up to "
                          f"{whole} per field kept); {r['gets_per_micro_batch']:.2f} GETs per micro-batch, "
                          f"{r['bytes_per_sample'] / 1e3:.0f} kB fetched per sample read"))
+        table.append(row(f"  worker CPU per sample read, {ms}, vs the local read's", r["worker_cpu_vs_local"], "x", "", None,
+                         f"{r['worker_cpu_ms_per_sample']:.3f} ms vs {1e3 * local_cpu_per_sample:.3f} ms (all the "
+                         f"worker's threads: obstore's receive, decode); the store's process "
+                         + (f"{r['store_cpu_ms_per_sample']:.3f} ms" if r["store_cpu_ms_per_sample"] is not None else "n/a")))
         table.append(row(f"  one of {readers} readers, its own rows fetched ahead, {ms}", r["rows_vs_local"], "x", "", None,
                          f"{r['rows_samples_per_s']:.0f} samples/s (first batch after {r['rows_first_batch_s']:.1f} s); "
                          f"{r['rows_gets_per_micro_batch']:.1f} GETs per micro-batch, "
@@ -184,6 +201,7 @@ def run(size: str, workdir: Path) -> dict[str, Any]:
         table.append(row(f"  global order with train.read_through_dir, shard files copied (epoch 2 on), {ms}",
                          r["read_through_vs_local"], "x", "", None, f"{r['read_through_samples_per_s']:.0f} samples/s"))
     return {"name": "objstore_read", "table": table, "config": dict(cfg), "local_samples_per_s": local,
+            "local_cpu_ms_per_sample": 1e3 * local_cpu_per_sample,
             "local_shard_window_samples_per_s": local_window, "whole_shards": whole, "remote": remote,
             "summary": {"objstore_vs_local_20ms": remote.get("20ms", {}).get("vs_local"),
                         "objstore_read_through_vs_local_20ms": remote.get("20ms", {}).get("read_through_vs_local")}}

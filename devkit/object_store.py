@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 _CONTROL = "/_lf/"  # the benchmark's controls of a server in another process: latency, stats
@@ -223,6 +225,14 @@ class ProcessS3:
         got = json.loads(self._ask("stats"))
         return StoreStats(gets=got["gets"], failed=got["failed"], max_in_flight=got["max_in_flight"],
                           range_bytes=got["range_bytes"])
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system) the server process has used so far; None where /proc is missing."""
+        try:
+            fields = Path(f"/proc/{self._proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         if self._proc.stdin is not None:

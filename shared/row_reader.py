@@ -155,24 +155,26 @@ class RowFieldReader:
             return
         if self._prefetcher is None:
             self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lf-shard-prefetch")
-        if self.row_memory is None:
-            self._prefetcher.submit(self._prefetch_now, jobs)
-            return
-        # Rows: only the newest request matters (each names the worker's rows up to its horizon, so it covers
-        # what older ones still need). Working through every queued one would cost a round trip each, for a
-        # micro-batch's worth of new rows: one micro-batch per round trip, far behind the reader.
+        # Only the newest request matters: each names the worker's rows up to its horizon, so it covers what
+        # older ones still need. Working through every queued one would cost, per micro-batch read, a pass
+        # over the whole horizon's rows (CPU the decode needs) and, for rows, a round trip for a micro-batch's
+        # worth of new ones: one micro-batch per round trip, far behind the reader.
         with self._newest_lock:
             queued, self._newest = self._newest is not None, jobs
         if not queued:
-            self._prefetcher.submit(self._prefetch_newest, self.row_memory)
+            self._prefetcher.submit(self._prefetch_newest)
 
-    def _prefetch_newest(self, memory: RowMemory) -> None:
+    def _prefetch_newest(self) -> None:
         with self._newest_lock:
             jobs, self._newest = self._newest, None
-        if jobs:
-            self._prefetch_rows(jobs, memory)
+        if not jobs:
+            return
+        if self.row_memory is not None:
+            self._prefetch_rows(jobs, self.row_memory)
+        else:
+            self._prefetch_files(jobs)
 
-    def _prefetch_now(self, jobs: Sequence[tuple[Sequence[str], str, FieldSpec, np.ndarray, np.ndarray]]) -> None:
+    def _prefetch_files(self, jobs: Sequence[tuple[Sequence[str], str, FieldSpec, np.ndarray, np.ndarray]]) -> None:
         assert self.shard_memory is not None
         try:
             sizes = {}
