@@ -16,6 +16,8 @@ reason recorded, and every launched command is ended at the budget):
 5. adamw_8bit (train.optimizer=adamw_8bit, ZeRO-0, 10 steps) and zero3 (ZeRO-3, bf16, EMA and validation
    off, 10 steps); then, on a GPU, a probe of bitsandbytes' AdamW8bit on one tensor as large as a ZeRO-2
    partition (see BNB_PROBE).
+6. load_memory (GPU only): peak host memory while each SDXL encoder and the Real-ESRGAN file load onto
+   cuda:0, `from_pretrained(...).to(device)` vs the cache job's loader, each in a fresh process (bench.load_memory).
 
 The trainer's final checkpoint is skipped by default (~36 GB for ZeRO-2 SDXL; see gpu_check_runs), peak GPU
 memory comes from the trainer's own log (`perf/max_memory_gib`) or, for the cache job, from a hook that
@@ -45,6 +47,7 @@ from typing import Any
 
 from . import gpu_check_assets as assets
 from . import gpu_check_runs as runs
+from . import load_memory
 from .common import RESULTS_DIR, ROOT, default_workdir, machine_info, now_iso, save_json
 
 RESERVE_S = 10.0  # kept back from every launched command for writing the results
@@ -84,11 +87,11 @@ class Settings:
 
 FULL = Settings(images=256, resolution=1024, micro=4, steps=30, steps_8bit=10, steps_zero3=10, shard_size=16, bf16=True,
                 loader_workers=2, cache_workers=4, min_resolution=512,
-                needs_s={"cache": 60, "train_zero2": 80, "in_loop": 70, "adamw_8bit": 50, "zero3": 60})
+                needs_s={"cache": 60, "train_zero2": 80, "in_loop": 70, "adamw_8bit": 50, "zero3": 60, "load_memory": 60})
 # CPU check: bf16 off (no fast bf16 arithmetic on CPUs), everything tiny.
 TINY = Settings(images=8, resolution=256, micro=2, steps=3, steps_8bit=2, steps_zero3=2, shard_size=4, bf16=False,
                 loader_workers=1, cache_workers=2, min_resolution=64,
-                needs_s={"cache": 5, "train_zero2": 5, "in_loop": 5, "adamw_8bit": 5, "zero3": 5})
+                needs_s={"cache": 5, "train_zero2": 5, "in_loop": 5, "adamw_8bit": 5, "zero3": 5, "load_memory": 5})
 
 
 class Budget:
@@ -226,6 +229,12 @@ class Check:
         result, peaks = self.launch("in_loop", cmd)
         return {**json.loads(out.read_text()), "run": result.describe()}
 
+    def load_memory(self) -> dict[str, Any]:
+        """Peak host memory while the SDXL encoders and Real-ESRGAN load, the old way and ours (bench.load_memory)."""
+        assert self.model is not None
+        esrgan, _ = assets.write_esrgan(self.work, self.tiny)
+        return load_memory.gpu_check_phase(self.model, esrgan, "cuda:0" if self.device == "cuda" else "cpu", self.timeout())
+
     def bnb_probe(self) -> dict[str, Any]:
         """Does bitsandbytes' AdamW8bit update every element of a tensor as large as this run's ZeRO-2
         partition? Recorded as a finding, whatever the answer."""
@@ -271,6 +280,8 @@ class Check:
         self.phase("zero3", lambda: self.train("zero3", s.steps_zero3, ["train.ema.enabled=false", "train.validation_every=0",
                                                                        "deepspeed=" + json.dumps(zero)]),
                    self.estimate(s.steps_zero3, 1.5, 1.3, needs["zero3"]), needs=("cache",))
+        if self.device == "cuda":  # host memory while the encoders load onto the GPU; on a CPU: bench.load_memory
+            self.phase("load_memory", self.load_memory, needs["load_memory"], needs=("model",))
         if self.tiny:
             self.doc["phases"]["bnb_probe"] = {"status": "skipped", "reason": "GPU only (bitsandbytes' CUDA kernels)"}
         else:
@@ -314,6 +325,7 @@ def headline(phases: dict[str, Any]) -> dict[str, Any]:
         "steps_per_s": {p: get(p, "steps_per_s") for p in ("train_zero2", "in_loop", "adamw_8bit", "zero3")},
         "phase_wall_s": {p: r.get("wall_s") for p, r in phases.items()},
         "bnb_8bit_large_tensor": phases.get("bnb_probe", {}).get("result"),
+        "host_peak_mb_loading": load_memory.headline(phases.get("load_memory", {})),
     }
     return figs
 
@@ -338,6 +350,7 @@ def report(doc: dict[str, Any]) -> str:
     for name, rec in doc["phases"].items():
         if rec["status"] != "ok":
             lines.append(f"  {name} {rec['status']}: " + (rec.get("reason") or rec.get("error", "").split("\n", 1)[0]))
+    lines += load_memory.headline_lines(f.get("host_peak_mb_loading"))
     if doc["phases"].get("bnb_probe", {}).get("result"):
         lines.append(f"  bitsandbytes AdamW8bit on one {doc['phases']['bnb_probe']['numel']:,}-element tensor: "
                      f"{doc['phases']['bnb_probe']['result']}")

@@ -70,17 +70,20 @@ def effnet_file(folder: Path) -> Path:
                             "e.g. stabilityai/StableCascade) that holds Stable Cascade's effnet_encoder.safetensors")
 
 
-def load_effnet(folder: Path) -> EfficientNetEncoder:
-    """The encoder saved in `folder` (released layout, optional `effnet_config.json`), in eval mode."""
-    from safetensors.torch import load_file
+def load_effnet(folder: Path, device: str | torch.device = "cpu") -> EfficientNetEncoder:
+    """The encoder saved in `folder` (released layout, optional `effnet_config.json`), on `device`, in eval mode.
+
+    The weights are read straight onto `device` and the module is built there (no host copy on a GPU)."""
+    from .model_load import built_on, load_safetensors
 
     path = effnet_file(folder)
     config_path = folder / CONFIG_NAME
     config = json.loads(config_path.read_text()) if config_path.is_file() else None
-    state = load_file(str(path))
+    state = load_safetensors(path, torch.device(device))
     c_latent = int(state["mapper.0.weight"].shape[0]) if "mapper.0.weight" in state else 16
-    model = EfficientNetEncoder(c_latent, config)
-    load_effnet_state(model, state, str(path))
+    with built_on(torch.device(device), str(path)):
+        model = EfficientNetEncoder(c_latent, config)
+        load_effnet_state(model, state, str(path))
     return model.eval()
 
 

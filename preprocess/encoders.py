@@ -1,7 +1,8 @@
 """The frozen encoders of the cache job: the VAE and each family's text encoders.
 
-Models load once per process, in eval mode, without gradients, on the process's own device. A family's
-text side lives in its own module under `families/`; the VAE side is shared and takes its class from the facts.
+Models load once per process, in eval mode, without gradients, straight onto the process's own device
+(`model_load`: no host copy of the weights). A family's text side lives in its own module under `families/`;
+the VAE side is shared and takes its class from the facts.
 Encoding a batch that runs out of memory is retried in halves before a sample is given up on.
 """
 
@@ -19,6 +20,7 @@ from latentforge.shared.config import Config
 from latentforge.shared.families import family_facts
 from latentforge.shared.file_hash import sha256_file
 
+from .model_load import load_pretrained
 from .model_source import DEFAULT_REVISION, ModelSource, ModelSources
 from .model_source import is_local_folder as is_local
 
@@ -48,8 +50,9 @@ def run_halving_on_oom(fn: Callable[[Any], dict[str, torch.Tensor]], items: Sequ
         return {k: torch.cat([a[k], b[k]]) for k in a}
 
 
-def load_kwargs(config: Config, dtype: torch.dtype) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+def load_kwargs(config: Config) -> dict[str, Any]:
+    """The pipeline's `revision` and `variant` to pass to `from_pretrained` (none when unset)."""
+    kwargs: dict[str, Any] = {}
     if config.model.revision:
         kwargs["revision"] = config.model.revision
     if config.model.variant:
@@ -71,7 +74,7 @@ class VaeEncoder:
 
         dtype = DTYPES[config.cache.vae_dtype]
         source = config.model.vae or config.model.pretrained
-        kwargs = load_kwargs(config, dtype)
+        kwargs = load_kwargs(config)
         if config.model.vae:
             # model.revision names a revision of the pipeline repo; a separate VAE is another repo.
             kwargs.pop("revision", None)
@@ -81,8 +84,7 @@ class VaeEncoder:
                 kwargs.pop("variant", None)  # a standalone VAE repo rarely has the pipeline's variant files
         subfolder = None if config.model.vae else "vae"
         cls = getattr(diffusers, family_facts(config.model.family).vae_class)
-        self.model = cls.from_pretrained(source, subfolder=subfolder, **kwargs).to(device).eval()
-        self.model.requires_grad_(False)
+        self.model = load_pretrained(cls, source, device, dtype, subfolder=subfolder, **kwargs)
         self.device, self.dtype = device, dtype
         cfg = self.model.config
         self.has_posterior = cls is not diffusers.AutoencoderDC
@@ -124,7 +126,7 @@ class EffnetEncoder:
         if config.cache.latent_mode == "dist":
             raise ValueError("cache.latent_mode=dist: Stable Cascade's EfficientNet encoder has no posterior; use mean")
         folder = effnet_folder(config, sources)
-        self.model = load_effnet(folder).to(device, DTYPES[config.cache.vae_dtype]).requires_grad_(False)
+        self.model = load_effnet(folder, device).to(dtype=DTYPES[config.cache.vae_dtype]).requires_grad_(False)
         self.device, self.dtype, self._prepare = device, DTYPES[config.cache.vae_dtype], to_effnet_input
         self.latent_channels = int(self.model.mapper[0].out_channels)
         self.downsample = 32  # EfficientNet's five stride-2 stages

@@ -99,29 +99,35 @@ def _generate(config: Config, rank: int, world: int, device: torch.device,
 
 
 def load_pipeline(config: Config, device: torch.device) -> Any:
-    """The run's base pipeline (every component, at the pinned revision), on `device`, without progress bars."""
+    """The run's base pipeline (every component, at the pinned revision), loaded straight onto `device`, without
+    progress bars."""
     from diffusers import DiffusionPipeline
+
+    from .model_load import load_pretrained_pipeline
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     try:
         # A separate model.vae (e.g. the fp16-fixed SDXL VAE) decodes the class images too.
-        extra = {"vae": _separate_vae(config, dtype)} if config.model.vae else {}
-        pipe = DiffusionPipeline.from_pretrained(config.model.pretrained, torch_dtype=dtype, **config.model.pins(), **extra)
+        extra = {"vae": _separate_vae(config, dtype, device)} if config.model.vae else {}
+        pipe = load_pretrained_pipeline(DiffusionPipeline, config.model.pretrained, device, dtype,
+                                        **config.model.pins(), **extra)
     except OSError as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ConfigError(f"config error: model.pretrained: type: generate needs the whole base pipeline "
                           f"({config.model.pretrained!r}: {first})") from None
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe
 
 
-def _separate_vae(config: Config, dtype: torch.dtype) -> Any:
+def _separate_vae(config: Config, dtype: torch.dtype, device: torch.device) -> Any:
     import diffusers
 
     from latentforge.shared.families import family_facts
 
+    from .model_load import load_pretrained
+
     cls = getattr(diffusers, family_facts(config.model.family).vae_class)
-    return cls.from_pretrained(config.model.vae, torch_dtype=dtype)
+    return load_pretrained(cls, config.model.vae, device, dtype)
 
 
 def generate_one(pipe: Any, source: SourceConfig, index: int, side: int, device: torch.device) -> Any:

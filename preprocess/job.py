@@ -151,7 +151,7 @@ class CacheJob:
         cfg = self.config
         self.captions.reset()  # a shard's rows depend on that shard alone
         skips = SkipCounter(max_examples=1000)
-        stats = ShardStats()
+        stats = ShardStats(rank=self.rank)
         reader = iter_shard(ref, source, skips, cfg.cache.missing_caption, sidecar_name(cfg))
         group = self.writer.group(ref.group_id, {"url": ref.display_url, "kind": ref.kind},
                                   self.source_hash(ref, source),

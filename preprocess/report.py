@@ -22,12 +22,14 @@ PHASES = ("read", "prepare", "prepare_wait", "vae", "text", "write", "write_wait
 
 @dataclass
 class ShardStats:
-    """Seconds per phase, samples seen and upscale paths for one shard (stored in its manifest)."""
+    """Seconds per phase, samples seen and upscale paths for one shard, and the rank that cached it (stored in
+    its manifest)."""
 
     seconds: dict[str, float] = field(default_factory=dict)
     upscale: Counter = field(default_factory=Counter)
     seen: int = 0
     skipped: int = 0
+    rank: int = 0
 
     def add(self, phase: str, seconds: float) -> None:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
@@ -37,7 +39,7 @@ class ShardStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {"seconds": {k: round(v, 4) for k, v in self.seconds.items()}, "upscale": dict(self.upscale),
-                "seen": self.seen, "finished_at": time.time(), "peak_host_mb": peak_host_mb()}
+                "seen": self.seen, "finished_at": time.time(), "peak_host_mb": peak_host_mb(), "rank": self.rank}
 
 
 def peak_host_mb() -> float:
@@ -89,9 +91,11 @@ def build_summary(writer: CacheWriter, config: Config, elapsed: float, world: in
     upscale: Counter = Counter()
     seconds: Counter = Counter()
     seen = size = alt = 0
-    peak_mb = 0.0
+    peak_by_rank: dict[int, float] = {}
     for m in groups:
-        peak_mb = max(peak_mb, float(m.stats.get("peak_host_mb", 0.0)))
+        if "peak_host_mb" in m.stats:  # a rank's peak so far at each commit, its models' loading included
+            rank = int(m.stats.get("rank", 0))  # manifests written before ranks were recorded count as rank 0
+            peak_by_rank[rank] = max(peak_by_rank.get(rank, 0.0), float(m.stats["peak_host_mb"]))
         buckets.update(m.bucket_counts)
         skips.update({reason: entry["count"] for reason, entry in m.skipped.items()})
         upscale.update(m.stats.get("upscale", {}))
@@ -118,7 +122,8 @@ def build_summary(writer: CacheWriter, config: Config, elapsed: float, world: in
                              "bytes_per_sample": round(alt / samples) if samples else 0},
         "wall_seconds": round(elapsed, 2),
         "processes": world,
-        "peak_host_mb_per_rank": peak_mb,  # the largest peak resident memory any rank reported at a commit
+        "peak_host_mb_per_rank": max(peak_by_rank.values(), default=0.0),  # the largest over the ranks
+        "peak_host_mb_by_rank": {str(r): peak_by_rank[r] for r in sorted(peak_by_rank)},
         "images_per_second": round(seen / elapsed, 2) if elapsed > 0 else 0.0,
     }
 
@@ -140,7 +145,9 @@ def print_summary(s: dict[str, Any]) -> None:
         print("  resize path: " + ", ".join(f"{m}={n}" for m, n in s["upscale"].items()))
     print("  seconds (summed over shards): " + ", ".join(f"{p} {v}" for p, v in s["seconds_by_phase"].items()))
     if s.get("peak_host_mb_per_rank"):
-        print(f"  peak host memory per rank: {s['peak_host_mb_per_rank']:.0f} MB")
+        ranks = s.get("peak_host_mb_by_rank", {})
+        each = f" ({', '.join(f'rank {r} {mb:.0f}' for r, mb in ranks.items())})" if len(ranks) > 1 else ""
+        print(f"  peak host memory per rank: {s['peak_host_mb_per_rank']:.0f} MB{each}")
     variants = s["caption_variants"]
     if variants["per_sample"] > 1:
         print(f"  {variants['per_sample']} captions per sample: the extra ones take {variants['bytes_on_disk'] / 1e6:.1f} MB, "

@@ -154,8 +154,15 @@ class Upscaler:
     def _load(self, path: str | os.PathLike[str], dtype: torch.dtype) -> ImageModelDescriptor:
         import spandrel  # lazy: keeps `import latentforge.preprocess.upscale` cheap for Lanczos-only runs
 
+        from .model_load import built_on
+
+        loader = spandrel.ModelLoader(device=self.device)
         try:
-            desc = spandrel.ModelLoader(device=self.device).load_from_file(os.fspath(path))
+            # spandrel reads the weights onto the device but builds the network on the host and moves it after;
+            # built under torch.device, the network is allocated on the device too (no host copy).
+            state = loader.load_state_dict_from_file(os.fspath(path))
+            with built_on(self.device, os.fspath(path)):
+                desc = loader.load_from_state_dict(state)
         except spandrel.UnsupportedModelError:
             raise ValueError(
                 f"{os.fspath(path)}: spandrel does not recognise this model's architecture"

@@ -11,6 +11,7 @@ from latentforge.shared.config import Config
 from latentforge.shared.families import family_facts
 
 from ..encoders import DTYPES, load_kwargs, run_halving_on_oom
+from ..model_load import load_pretrained
 
 
 class PipelineText:
@@ -30,11 +31,11 @@ class PipelineText:
         import transformers
 
         dtype = DTYPES[config.cache.text_dtype]
-        src, kwargs = config.model.pretrained, load_kwargs(config, dtype)
+        src, kwargs = config.model.pretrained, load_kwargs(config)
         tok_kwargs = {"revision": config.model.revision} if config.model.revision else {}
         tokenizer = getattr(transformers, self.tokenizer_class).from_pretrained(src, subfolder="tokenizer", **tok_kwargs)
-        encoder = getattr(transformers, self.encoder_class).from_pretrained(src, subfolder="text_encoder", **kwargs)
-        encoder = encoder.to(device).eval().requires_grad_(False)
+        encoder = load_pretrained(getattr(transformers, self.encoder_class), src, device, dtype, subfolder="text_encoder",
+                                  **kwargs)
         self.pipe = self._text_only_pipeline(getattr(diffusers, self.pipeline_class), tokenizer, encoder)
         self.device, self.config = device, config
         self.tokens = config.cache.max_tokens or family_facts(config.model.family).text_max_tokens

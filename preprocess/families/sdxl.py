@@ -11,6 +11,7 @@ import torch
 from latentforge.shared.config import Config
 
 from ..encoders import DTYPES, load_kwargs, run_halving_on_oom
+from ..model_load import load_pretrained
 
 
 def token_windows(max_tokens: int, window: int = 77) -> int:
@@ -30,15 +31,12 @@ class SdxlText:
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         dtype = DTYPES[config.cache.text_dtype]
-        src, kwargs = config.model.pretrained, load_kwargs(config, dtype)
+        src, kwargs = config.model.pretrained, load_kwargs(config)
         tok_kwargs = {"revision": config.model.revision} if config.model.revision else {}
         self.tokenizers = [CLIPTokenizer.from_pretrained(src, subfolder=s, **tok_kwargs) for s in ("tokenizer", "tokenizer_2")]
-        self.encoders = [
-            CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **kwargs).to(device).eval(),
-            CLIPTextModelWithProjection.from_pretrained(src, subfolder="text_encoder_2", **kwargs).to(device).eval(),
-        ]
-        for enc in self.encoders:
-            enc.requires_grad_(False)
+        self.encoders = [load_pretrained(CLIPTextModel, src, device, dtype, subfolder="text_encoder", **kwargs),
+                         load_pretrained(CLIPTextModelWithProjection, src, device, dtype, subfolder="text_encoder_2",
+                                         **kwargs)]
         self.device = device
         self.windows = token_windows(config.cache.max_tokens or 77)
         self.clip_skip = config.cache.clip_skip
