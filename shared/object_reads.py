@@ -78,18 +78,39 @@ def object_reads(url: str, options: Mapping[str, Any]) -> ObjectReads | None:
         config["endpoint"] = endpoint
     if options.get("requester_pays"):
         config["request_payer"] = True
-    region = client.get("region_name") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    region = client.get("region_name")
     client_options: dict[str, Any] = {"allow_http": bool(endpoint and str(endpoint).startswith("http://"))}
-    provider = None
+    provider, session_region = (None, None) if options.get("anon") else _credentials()
     if options.get("anon"):
         config["skip_signature"] = True
-    else:
-        provider, session_region = _credentials()
-        region = region or session_region
-    config["region"] = region or "us-east-1"
+    if not region and not endpoint:
+        # AWS answers a request in the wrong region with a redirect obstore does not follow (s3fs looks the
+        # region up): ask the bucket, once per reader, unless the config names it.
+        region = bucket_region(bucket, anon=bool(options.get("anon")))
+    config["region"] = (region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+                        or session_region or "us-east-1")
     store = S3Store(bucket, config=config, client_options=client_options, retry_config={"max_retries": 0},
                     credential_provider=provider)
     return ObjectReads(store, prefix)
+
+
+def bucket_region(bucket: str, *, endpoint: str | None = None, anon: bool = False) -> str | None:
+    """The region S3 reports for `bucket` (the `x-amz-bucket-region` header of a HEAD, present on errors
+    too), or None when it cannot be asked."""
+    import boto3
+    import botocore
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    config = botocore.config.Config(retries={"total_max_attempts": 2}, connect_timeout=5, read_timeout=10,
+                                    **({"signature_version": botocore.UNSIGNED} if anon else {}))
+    client = boto3.client("s3", region_name="us-east-1", endpoint_url=endpoint, config=config)
+    try:
+        meta = client.head_bucket(Bucket=bucket)["ResponseMetadata"]
+    except ClientError as exc:
+        meta = exc.response.get("ResponseMetadata", {})
+    except BotoCoreError:
+        return None
+    return (meta.get("HTTPHeaders") or {}).get("x-amz-bucket-region")
 
 
 def _understood(options: Mapping[str, Any]) -> bool:

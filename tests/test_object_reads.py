@@ -21,7 +21,12 @@ def test_only_understood_options_take_the_obstore_path(monkeypatch):
           "config_kwargs": {"max_pool_connections": 64, "retries": {"max_attempts": 1}}}
     reads = object_reads.object_reads("s3://bucket/some/cache", r2)
     assert reads is not None and reads.key("shards/g/x") == "some/cache/shards/g/x"
+    asked = []  # no endpoint and no region named: the bucket's region is looked up (here: not on the network)
+    monkeypatch.setattr(object_reads, "bucket_region", lambda bucket, anon: asked.append((bucket, anon)) or "eu-west-1")
     assert object_reads.object_reads("s3://bucket", {"anon": True}).key("x") == "x"
+    assert asked == [("bucket", True)]
+    object_reads.object_reads("s3://bucket", {"client_kwargs": {"region_name": "us-west-2"}})
+    assert asked == [("bucket", True)]  # a named region is used as it is
     # An option obstore has no equivalent for, another protocol, a local folder: fsspec reads them.
     assert object_reads.object_reads("s3://bucket/c", {"s3_additional_kwargs": {"SSECustomerKey": "k"}}) is None
     assert object_reads.object_reads("s3://bucket/c", {"config_kwargs": {"signature_version": "s3v4"}}) is None
@@ -164,3 +169,17 @@ def test_a_file_kept_in_parts_slices_like_the_whole_file():
         assert bytes(parted[which].slice(start, end)) == data[start:end]
 
     same()
+
+
+def test_the_bucket_region_comes_from_the_store(monkeypatch):
+    import s3fs
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    with loopback_s3() as server:
+        bucket = f"lf-region-{uuid.uuid4().hex[:12]}"
+        fs = s3fs.S3FileSystem(endpoint_url=server.endpoint, skip_instance_cache=True,
+                               client_kwargs={"region_name": "eu-west-1"})
+        fs.mkdir(bucket, region_name="eu-west-1")
+        assert object_reads.bucket_region(bucket, endpoint=server.endpoint) == "eu-west-1"
