@@ -29,11 +29,19 @@ CLI = Path(sys.executable).parent / "latentforge"
 FP32_ZERO2 = "deepspeed={zero_optimization: {stage: 2}, bf16: {enabled: false}}"
 
 
+# Skipped unless `-m soak` selects it: a plain `pytest` never builds a soak test's fixtures.
+SOAK_ONLY = pytest.mark.skipif("'soak' not in (config.option.markexpr or '')", reason="soak test: run `make soak`")
+
+
 def soak(test):
     """@soak: a long fault-injection test, run by `make soak` (`pytest -m soak`) only, never by a plain
     `pytest` (skipped before its fixtures are built) nor by `make test` (deselected)."""
-    skip = pytest.mark.skipif("'soak' not in (config.option.markexpr or '')", reason="soak test: run `make soak`")
-    return pytest.mark.soak(skip(test))
+    return pytest.mark.soak(SOAK_ONLY(test))
+
+
+def soak_param(*values: object) -> object:
+    """One parametrized case of a test as a soak test (`soak` for a single case): `make soak` runs it."""
+    return pytest.param(*values, marks=[pytest.mark.soak, SOAK_ONLY])
 
 
 def seeded_rng(name: str) -> tuple[random.Random, int]:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
+from reliability_support import soak
 
 from latentforge.shared.config import load_config
 from latentforge.train.export import export_pipeline
@@ -75,21 +76,42 @@ def test_runs_compare_side_by_side(tiny_sdxl, small_cache, tmp_path):
     assert any("hparams" in tag for tag in acc.Tags().get("tensors", [])) or acc.PluginTagToContent("hparams")
 
 
-@pytest.mark.slow
-def test_lora_under_zero3_checkpoints_resume_and_export(unet_only_model, small_cache, tiny_sdxl, tmp_path):
-    """Two ranks, every adapter weight split between them: adapter-only checkpoints, exact resume on the
-    same ranks, and the adapter exported from the partitioned optimizer files."""
-    from test_elastic_resume import CKPT, STEPS, checkpoint, elastic_args, resume
-    from test_train import logged_losses, torchrun_train
+LORA_ZERO3 = ("train.lora.enabled=true", "train.lora.rank=4", "train.lr=1e-2", "train.validation_every=4",
+              "train.held_out_fraction=0.2", "train.validation_inference_steps=2")
 
-    lora = ("train.lora.enabled=true", "train.lora.rank=4", "train.lr=1e-2", "train.validation_every=4",
-            "train.held_out_fraction=0.2", "train.validation_inference_steps=2")
+
+def lora_zero3_run(model: Path, cache: Path, tmp_path: Path) -> Path:
+    """Two ranks train LoRA under ZeRO-3 (elastic_args: checkpoints at CKPT and STEPS, validation at STEPS)."""
+    from test_elastic_resume import STEPS, elastic_args
+    from test_train import torchrun_train
+
     base = tmp_path / "w2"
-    torchrun_train(2, elastic_args(unet_only_model, small_cache, base, 3, 2, *lora))
-    full = logged_losses(base)
-    got = resume(unet_only_model, small_cache, base, tmp_path / "resumed", 3, 2, *lora)
-    assert [got[s] for s in (3, 4)] == [full[s] for s in (3, 4)]
+    torchrun_train(2, elastic_args(model, cache, base, 3, 2, *LORA_ZERO3))
     assert (base / "validation" / f"step-{STEPS:08d}.png").is_file()
+    return base
+
+
+@soak
+def test_lora_under_zero3_resumes_exactly_on_the_same_ranks(unet_only_model, small_cache, tmp_path):
+    """The 2-rank LoRA ZeRO-3 run resumed on 2 ranks continues it exactly. In `make test` the same
+    proof is split: exact same-rank ZeRO-3 resume (full weights) in test_zero3, exact LoRA resume in
+    test_lora_checkpoints_resume_and_export."""
+    from test_elastic_resume import resume
+    from test_train import logged_losses
+
+    base = lora_zero3_run(unet_only_model, small_cache, tmp_path)
+    full = logged_losses(base)
+    got = resume(unet_only_model, small_cache, base, tmp_path / "resumed", 3, 2, *LORA_ZERO3)
+    assert [got[s] for s in (3, 4)] == [full[s] for s in (3, 4)]
+
+
+@pytest.mark.slow
+def test_lora_under_zero3_checkpoints_and_export(unet_only_model, small_cache, tiny_sdxl, tmp_path):
+    """Two ranks, every adapter weight split between them: adapter-only checkpoints and the adapter
+    exported from the partitioned optimizer files."""
+    from test_elastic_resume import CKPT, STEPS, checkpoint
+
+    base = lora_zero3_run(unet_only_model, small_cache, tmp_path)
 
     ckpt = checkpoint(base, STEPS)
     for rank in (0, 1):  # each rank's file names the adapters only; the frozen base is the base model's

@@ -1,7 +1,8 @@
 """Two nodes on loopback (issue 20): two launcher invocations with `--nnodes 2 --node_rank 0/1 --master_addr
 127.0.0.1` and one process each, sharing this machine's file system as a cluster shares one.
 
-- the cache job under torchrun equals the 1-process cache bitwise (in `make test`);
+- the cache job under torchrun equals the 1-process cache bitwise (`make soak`: four process starts; `make test`
+  proves the same equality for two processes under one launcher in test_cache_job.py);
 - the trainer under torchrun and under the `deepspeed` launcher (`--hostfile`, `--no_ssh --node_rank`)
   follows the 1-process loss trajectory at the same global batch, and a run checkpointed on 2 nodes
   continues on 1 (`make soak`: each launch costs about a minute of start-up on 2 CPU cores);
@@ -94,7 +95,7 @@ def one_process_cache(tiny_sdxl, demo_data, tmp_path_factory) -> dict:
     return snapshot(cache)
 
 
-@pytest.mark.slow
+@soak
 def test_cache_on_two_nodes_equals_the_one_process_cache(one_process_cache, tiny_sdxl, demo_data, tmp_path):
     cache = tmp_path / "cache"
     port = free_port()

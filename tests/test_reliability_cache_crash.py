@@ -24,6 +24,7 @@ from reliability_support import (
     seeded_rng,
     snapshot,
     soak,
+    soak_param,
     summary_facts,
     wait_until,
 )
@@ -83,8 +84,10 @@ def kill_at_random_commit(job: Job, cache: Path, rng, seed: int) -> int:
     return len(committed_groups(cache))
 
 
+# One process killed at random is under `make soak` only: `make test` kills the 2-process job here, and one
+# process at a chosen commit in test_cache_job.py::test_killed_run_resumes_without_duplicates_or_holes.
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [soak_param(1), 2])
 def test_sigkill_at_a_random_point_then_rerun_gives_the_uninterrupted_cache(nproc, tiny_sdxl, many_shards, reference,
                                                                            tmp_path):
     rng, seed = seeded_rng(f"cache-kill-{nproc}")
