@@ -187,7 +187,7 @@ def run(size: str, workdir: Path) -> dict[str, Any]:
                          f"{r['bytes_per_sample'] / 1e3:.0f} kB fetched per sample read"))
         table.append(row(f"  worker CPU per sample read, {ms}, vs the local read's", r["worker_cpu_vs_local"], "x", "", None,
                          f"{r['worker_cpu_ms_per_sample']:.3f} ms vs {1e3 * local_cpu_per_sample:.3f} ms (all the "
-                         f"worker's threads: obstore's receive, decode); the store's process "
+                         f"worker's threads: the S3 client's receive, decode); the store's process "
                          + (f"{r['store_cpu_ms_per_sample']:.3f} ms" if r["store_cpu_ms_per_sample"] is not None else "n/a")))
         table.append(row(f"  one of {readers} readers, its own rows fetched ahead, {ms}", r["rows_vs_local"], "x", "", None,
                          f"{r['rows_samples_per_s']:.0f} samples/s (first batch after {r['rows_first_batch_s']:.1f} s); "

@@ -2,9 +2,11 @@
 
 An object store answers each request after 20-50 ms whatever its size, so the reader must never ask for
 one row at a time and wait: the rows of a batch are sorted, neighbours (and near neighbours: reading a
-small gap costs less than another round trip) are merged into one range, and all ranges go out together:
-on S3 through obstore (`object_reads.py`), elsewhere through fsspec's `cat_ranges`, which s3fs and the
-http filesystem run concurrently on their event loop; at most `in_flight` at once either way. Transient failures (throttling, 5xx, a dropped
+small gap costs less than another round trip) are merged into one range, and all ranges go out together
+through fsspec's `cat_ranges`, which s3fs and the http filesystem run concurrently on their event loop
+(`batch_size` bounds how many are in flight). Not obstore, though it moves twice the bytes per second of
+s3fs per process: its Rust runtime hangs in a forked child once the parent has used it, and DataLoader
+workers are forked (docs/benchmarks.md, "Object store"). Transient failures (throttling, 5xx, a dropped
 connection) are retried with exponential backoff; when they persist the read fails with one line naming
 the object. Local files never come here: they are mapped (`Storage.map_file`).
 """
@@ -97,9 +99,6 @@ def read_spans(storage: Storage, spans: Sequence[Span], *, in_flight: int = IN_F
 
 def _cat_ranges(storage: Storage, spans: Sequence[Span], in_flight: int) -> list[bytes | memoryview | BaseException]:
     starts, ends = [s.start for s in spans], [s.end for s in spans]
-    native = storage.object_reads()
-    if native is not None:
-        return native.cat_ranges([s.file for s in spans], starts, ends, in_flight)
     paths = [storage.path(s.file) for s in spans]
     kwargs = {"batch_size": in_flight} if getattr(storage.fs, "async_impl", False) else {}
     try:

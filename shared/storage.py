@@ -24,7 +24,6 @@ import fsspec
 import numpy as np
 
 from .faults import fault_point
-from .object_reads import ObjectReads, object_reads
 
 _MAX_MAPS = 4096
 
@@ -57,13 +56,6 @@ class Storage:
         self.fs = fsspec.filesystem(protocol, **self.storage_options)
         self._map_lock = threading.Lock()
         self._maps: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._reads: ObjectReads | None | bool = False  # False: not built yet (built on first use, per process)
-
-    def object_reads(self) -> ObjectReads | None:
-        """The fast range reader for this location (obstore on S3), or None: read through `fs`."""
-        if self._reads is False:
-            self._reads = None if self.is_local else object_reads(self.url, self.storage_options)
-        return self._reads  # type: ignore[return-value]
 
     def path(self, rel: str = "") -> str:
         return f"{self.url}/{rel}" if rel else self.url
@@ -263,7 +255,6 @@ class Storage:
         state = self.__dict__.copy()
         state["_maps"] = OrderedDict()
         state["_map_lock"] = None
-        state["_reads"] = False  # a worker process builds its own client
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
