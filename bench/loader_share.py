@@ -59,7 +59,7 @@ def loader_segment(trainer: Any, url: str, cfg: dict[str, Any], train: bool = Tr
     from latentforge.train.data import build_loader, shard_window_reads
     from latentforge.train.sampler import GlobalBucketSchedule, MicroBatchSampler
 
-    whole, ahead_rows, horizon = shard_window_reads(window, cfg["micro"], cfg["micro"], 1, cfg["workers"], read_ahead)
+    whole, ahead_rows, horizon = shard_window_reads(window, cfg["micro"], cfg["micro"], 1, cfg.get("workers", 0), read_ahead)
     schedule = (GlobalBucketSchedule(trainer.samples.bucket_sizes, cfg["micro"], trainer.config.train.seed, window)
                 if window is not None else trainer.schedule)
     state = schedule.initial_state() if window is not None else trainer.state
