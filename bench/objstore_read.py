@@ -1,18 +1,20 @@
 """Benchmark: training from a cache on an object store, against the same cache on the local disk.
 
-The cache (SDXL shapes, `bench.common.write_cache`, blosc-lz4) is copied to an S3-compatible server on
-loopback (moto, `devkit/object_store.py`) that waits `latency` before answering each request, on its
-own thread per request, as a remote store does (20 ms and 50 ms: the range measured for S3/R2 from
-another region or a busy bucket). One DataLoader worker's work is timed: `CachedBatches` (the
-trainer's dataset) reading one epoch of micro-batches of one bucket as the trainer does for a remote
-cache: the shard-window order (`train.shuffle: shard_window`), whole shard files kept in memory, the
-next window's files prefetched, read-ahead 16. Beside it: the global order (random rows, one ranged
-GET per row, shard indexes fetched in a warm-up pass as a worker does once) with and without
-read-ahead, and with `train.read_through_dir` copies warm.
+The cache (SDXL shapes, `bench.common.write_cache`, blosc-lz4, random data) is copied to an S3-compatible
+server on loopback (moto, `devkit/object_store.py`) running in its own process, which waits `latency` before
+answering each request, on its own thread per request, as a remote store does (20 ms and 50 ms: the range
+measured for S3/R2 from another region or a busy bucket). One DataLoader worker's work is timed:
+`CachedBatches` (the trainer's dataset) reading one epoch of micro-batches of one bucket as the trainer does
+for a remote cache: the shard-window order (`train.shuffle: shard_window`), read as
+`train.data.shard_window_reads` sets it up (one reader: whole shard files kept in memory, the next window's
+prefetched; one of several readers: only its own rows, fetched ahead), read-ahead 16. The rate is taken from
+the end of the first window (the steady state). Beside it: the global order (random rows, one ranged GET
+per row, shard indexes fetched in a warm-up pass as a worker does once) with and without read-ahead, and
+with `train.read_through_dir` copies warm; CPU per sample of the worker and of the store; bytes fetched.
 
-Figure `objstore_vs_local_20ms`: remote samples/s at 20 ms (shard-window order) / local samples/s
-(global order), per worker. What limits it: bytes per second through the HTTP client and moto's
-server, both Python and on the reader's cores here (docs/benchmarks.md).
+Figure `objstore_vs_local_20ms`: remote samples/s at 20 ms (shard-window order, one reader) / local
+samples/s (global order), per worker. What limits it: CPU per byte received on the reader's cores
+(docs/benchmarks.md, "Object store").
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ request, and failures. For the object-store tests and the object-store read benc
 Each request waits `latency_s` before it is answered, on its own server thread, so concurrent requests
 overlap as they do against a real store. `fail` decides, per GET, whether to answer with an error instead
 (503 SlowDown, the throttling answer, or a 500); it sees the request path and how many GETs came before.
+`loopback_s3(process=True)` runs the server in a child process (`ProcessS3`, latency and counts through a
+control path, no `fail` rules): the benchmarks use it so the store's CPU does not share the reader's
+interpreter lock.
 """
 
 from __future__ import annotations
