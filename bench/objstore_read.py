@@ -24,7 +24,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -37,7 +37,6 @@ SIZES = {
               "readers": 2},
 }
 GOAL = 0.5
-CPU_SECONDS: dict[str, float | None] = {}  # of the last timed pass: this (worker) process, the store process
 
 
 def _plan(n: int, micro: int, batches: int, seed: int) -> list[Any]:
@@ -66,16 +65,26 @@ def window_plan(cache: str, n: int, micro: int, shards: int, seed: int, readers:
     return plan, *shard_window_reads(window, micro * readers, micro, readers, 0, ahead)
 
 
+class Pass(NamedTuple):
+    """One timed pass: samples/s, what the store saw, seconds to the first batch, CPU seconds of this (the
+    worker's) process and of the store's process (None where it cannot be read)."""
+
+    samples_per_s: float
+    stats: Any
+    first_batch_s: float
+    worker_cpu_s: float
+    store_cpu_s: float | None
+
+
 def worker_samples_per_s(url: str, opts: dict[str, Any], n: int, plan: list[Any], ahead: int,
                          read_through: tuple[str, int] | None = None, whole_shards: int = 0,
-                         server: Any = None, horizon: int = 0, ahead_rows: int = 0) -> tuple[float, Any, float]:
+                         server: Any = None, horizon: int = 0, ahead_rows: int = 0) -> Pass:
     """One worker's samples/s through `CachedBatches` over `plan`. Ranged reads first take a warm-up pass
     over every shard index (and, with `read_through`, wait until the shard files touched in it have been
     copied), as a worker does once; shard-window reads (`whole_shards`, `ahead_rows`) take none: the
     timed pass pays for every byte it reads, and its rate is taken from the end of the first window
     (the steady state: each window's reads fetched while the one before is served), the time to the
-    first batch returned apart. Returns (samples/s, what `server` saw in the timed pass, seconds to the
-    first batch)."""
+    first batch returned apart."""
     from latentforge.train.data import CachedBatches
     from latentforge.train.read_ahead import ReadAheadSampler
 
@@ -99,23 +108,24 @@ def worker_samples_per_s(url: str, opts: dict[str, Any], n: int, plan: list[Any]
         server.reset_stats()
     # Micro-batches of the first window, fetched with nothing to overlap (an epoch too short for a steady
     # state, the smoke size, is timed whole).
-    first = horizon if windowed and len(items) >= 2 * horizon else 0
+    skip = min(horizon, len(items) - 1) if windowed and len(items) >= 2 * horizon else 0
+    store_clock = getattr(server, "cpu_seconds", None)
+    store_cpu = store_clock() if store_clock is not None else None
     cpu = time.process_time()
-    store_cpu = server.cpu_seconds() if server is not None and hasattr(server, "cpu_seconds") else None
-    t = time.perf_counter()
-    start = t
+    t = start = time.perf_counter()
     for i, item in enumerate(items):
         dataset[item]
-        if i + 1 == min(first, len(items) - 1):
+        if i + 1 == skip:
             start = time.perf_counter()
     end = time.perf_counter()
-    CPU_SECONDS.update(worker=time.process_time() - cpu,
-                       store=(server.cpu_seconds() - store_cpu) if store_cpu is not None else None)
+    worker_cpu = time.process_time() - cpu
+    store_used = store_clock() - store_cpu if store_clock is not None and store_cpu is not None else None
     if dataset._ahead is not None:
         dataset._ahead.close()
     dataset.reader().close()
-    timed = sum(len(mb.items) for mb in plan[min(first, len(items) - 1):]) if start > t else sum(len(mb.items) for mb in plan)
-    return timed / (end - start), server.reset_stats() if server is not None else None, start - t
+    timed = sum(len(mb.items) for mb in plan[skip:])
+    return Pass(timed / (end - start), server.reset_stats() if server is not None else None, start - t,
+                worker_cpu, store_used)
 
 
 def run(size: str, workdir: Path) -> dict[str, Any]:
@@ -130,10 +140,10 @@ def run(size: str, workdir: Path) -> dict[str, Any]:
     os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
     os.environ.pop("AWS_PROFILE", None)
     # Local: the global order (train.shuffle: auto on a local disk), one epoch of micro-batches.
-    local, _, _ = worker_samples_per_s(str(cache), {}, n, _plan(n, micro, n // micro, 1), 0)
-    local_cpu_per_sample = CPU_SECONDS["worker"] / n
+    local_pass = worker_samples_per_s(str(cache), {}, n, _plan(n, micro, n // micro, 1), 0)
+    local, local_cpu_per_sample = local_pass.samples_per_s, local_pass.worker_cpu_s / n
     local_window_plan, whole, _, horizon = window_plan(str(cache), n, micro, cfg["window_shards"], 5)
-    local_window, _, _ = worker_samples_per_s(str(cache), {}, n, local_window_plan, 0)
+    local_window = worker_samples_per_s(str(cache), {}, n, local_window_plan, 0).samples_per_s
     readers = cfg["readers"]
     remote: dict[str, dict[str, float]] = {}
     with loopback_s3(process=True) as server:
@@ -143,27 +153,28 @@ def run(size: str, workdir: Path) -> dict[str, Any]:
             server.latency_s = latency
             ms = f"{latency * 1e3:.0f}ms"
             plan, _, _, _ = window_plan(str(cache), n, micro, cfg["window_shards"], 2)
-            window, wstats, wstart = worker_samples_per_s("s3://bench/cache", opts, n, plan, cfg["ahead"],
-                                                          whole_shards=whole, server=server, horizon=horizon)
-            wcpu = dict(CPU_SECONDS)
+            whole_pass = worker_samples_per_s("s3://bench/cache", opts, n, plan, cfg["ahead"], whole_shards=whole,
+                                              server=server, horizon=horizon)
+            window, wstats, wstart = whole_pass.samples_per_s, whole_pass.stats, whole_pass.first_batch_s
             # One of `readers` ranks: only its own rows, fetched ahead (no whole files: no repeated bytes).
             rplan, _, ahead_rows, rhorizon = window_plan(str(cache), n, micro, cfg["window_shards"], 7, readers,
                                                          cfg["ahead"])
-            shared, rstats, rstart = worker_samples_per_s("s3://bench/cache", opts, n, rplan, cfg["ahead"],
-                                                          server=server, horizon=rhorizon, ahead_rows=ahead_rows)
+            shared, rstats, rstart, _, _ = worker_samples_per_s("s3://bench/cache", opts, n, rplan, cfg["ahead"],
+                                                                server=server, horizon=rhorizon, ahead_rows=ahead_rows)
             ranged = _plan(n, micro, cfg["batches"], 3)
-            global_order, gstats, _ = worker_samples_per_s("s3://bench/cache", opts, n, ranged, cfg["ahead"],
-                                                           server=server)
-            without, _, _ = worker_samples_per_s("s3://bench/cache", opts, n, _plan(n, micro, cfg["batches"], 4), 0)
-            copies, _, _ = worker_samples_per_s("s3://bench/cache", opts, n, _plan(n, micro, cfg["batches"], 6),
-                                                cfg["ahead"], read_through=(str(workdir / f"copies-{ms}"), 100 << 30))
+            global_order, gstats, *_ = worker_samples_per_s("s3://bench/cache", opts, n, ranged, cfg["ahead"],
+                                                            server=server)
+            without = worker_samples_per_s("s3://bench/cache", opts, n, _plan(n, micro, cfg["batches"], 4), 0).samples_per_s
+            copies = worker_samples_per_s("s3://bench/cache", opts, n, _plan(n, micro, cfg["batches"], 6), cfg["ahead"],
+                                          read_through=(str(workdir / f"copies-{ms}"), 100 << 30)).samples_per_s
             shutil.rmtree(workdir / f"copies-{ms}", ignore_errors=True)
             per_sample = sum(len(mb.items) for mb in plan)
-            per_sample_cpu = wcpu["worker"] / per_sample
+            per_sample_cpu = whole_pass.worker_cpu_s / per_sample
             remote[ms] = {"samples_per_s": window, "vs_local": window / local, "first_batch_s": wstart,
                           "worker_cpu_ms_per_sample": 1e3 * per_sample_cpu,
                           "worker_cpu_vs_local": per_sample_cpu / local_cpu_per_sample,
-                          "store_cpu_ms_per_sample": 1e3 * wcpu["store"] / per_sample if wcpu["store"] is not None else None,
+                          "store_cpu_ms_per_sample": (1e3 * whole_pass.store_cpu_s / per_sample
+                                                      if whole_pass.store_cpu_s is not None else None),
                           "bytes_per_sample": wstats.range_bytes / per_sample,
                           "gets_per_micro_batch": len(wstats.gets) / len(plan), "max_in_flight": wstats.max_in_flight,
                           "readers": readers, "rows_samples_per_s": shared, "rows_vs_local": shared / local,

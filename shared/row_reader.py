@@ -138,15 +138,21 @@ class RowFieldReader:
                 else:
                     self._decode_row(ra, file, chunk, target)
             requests, targets = [requests[i] for i in remote], [targets[i] for i in remote]
+        for (file, _, _), (ra, target), chunk in zip(requests, targets, self._fetch_chunks(requests), strict=True):
+            self._decode_row(ra, file, chunk, target)
+
+    def _fetch_chunks(self, requests: Sequence[tuple[str, int, int]]) -> list[memoryview]:
+        """The bytes of each `(file, offset, nbytes)`, in order: merged into spans, fetched in one round."""
+        chunks: list[memoryview] = [memoryview(b"")] * len(requests)
         if not requests:
-            return
+            return chunks
         spans = coalesce(requests)
         for span, blob in zip(spans, read_spans(self.storage, spans, in_flight=self.in_flight), strict=True):
             view = memoryview(blob)
             for i in span.members:
-                file, offset, nbytes = requests[i]
-                ra, target = targets[i]
-                self._decode_row(ra, file, view[offset - span.start: offset - span.start + nbytes], target)
+                _, offset, nbytes = requests[i]
+                chunks[i] = view[offset - span.start: offset - span.start + nbytes]
+        return chunks
 
     def prefetch(self, jobs: Sequence[tuple[Sequence[str], str, FieldSpec, np.ndarray, np.ndarray]]) -> None:
         """Queue a background fetch of these rows (`read_fields` jobs without their targets): the whole
@@ -206,14 +212,7 @@ class RowFieldReader:
                     requests[(ra.shard_file(shard), int(offset))] = int(nbytes)
             mine = memory.claim(requests)
             wanted = [(file, offset, requests[(file, offset)]) for file, offset in mine]
-            spans = coalesce(wanted)
-            chunks = {}
-            for span, blob in zip(spans, read_spans(self.storage, spans, in_flight=self.in_flight), strict=True):
-                view = memoryview(blob)
-                for i in span.members:
-                    file, offset, nbytes = wanted[i]
-                    chunks[(file, offset)] = view[offset - span.start: offset - span.start + nbytes]
-            memory.fill(chunks)
+            memory.fill(dict(zip(mine, self._fetch_chunks(wanted), strict=True)))
         except Exception:  # noqa: BLE001 - the read itself fetches again and reports a lasting failure
             memory.drop(mine)
 

@@ -1,4 +1,5 @@
-"""Session-wide, offline fixtures: the tiny SDXL pipeline and the demo photos, built once per test run."""
+"""Offline fixtures: the tiny SDXL pipeline and the demo photos (built once per test run), and a small cache
+copied to a loopback S3 server (per test)."""
 
 from __future__ import annotations
 
@@ -67,3 +68,22 @@ def unet_only_model(tiny_sdxl, tmp_path_factory) -> Path:
     for sub in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
         shutil.rmtree(folder / sub)
     return folder
+
+
+@pytest.fixture
+def s3_cache(small_cache, monkeypatch):
+    """small_cache copied to s3://<fresh bucket>/c on a loopback server; botocore's own retries off, so the
+    reader's retries are what is tested. Yields (server, url, storage options)."""
+    import uuid
+
+    from latentforge.devkit.object_store import loopback_s3, upload_tree
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    with loopback_s3() as server:
+        # moto keeps its buckets per process, shared by every server in it: a bucket name of our own.
+        url = f"s3://lf-objstore-{uuid.uuid4().hex[:12]}/c"
+        upload_tree(server.endpoint, str(small_cache), url)
+        opts = {"endpoint_url": server.endpoint, "config_kwargs": {"retries": {"max_attempts": 1}}}
+        yield server, url, opts

@@ -5,15 +5,12 @@ the object. Against moto on loopback (`devkit/object_store.py`), which counts th
 
 from __future__ import annotations
 
-import uuid
-
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from latentforge.devkit.object_store import loopback_s3, upload_tree
 from latentforge.shared import range_reads
 from latentforge.shared.cache_reader import CacheReader
 from latentforge.shared.range_reads import StorageReadError, coalesce
@@ -38,21 +35,6 @@ def test_coalesce_covers_each_request_once_within_its_limits(requests, max_gap, 
         for i in sorted(s.members, key=lambda i: requests[i][1]):
             assert requests[i][1] - reach <= max_gap
             reach = max(reach, requests[i][1] + requests[i][2])
-
-
-@pytest.fixture
-def s3_cache(small_cache, monkeypatch):
-    """small_cache copied to s3://<fresh bucket>/c on a loopback server; botocore's own retries off, so the
-    reader's retries are what is tested."""
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
-    with loopback_s3() as server:
-        # moto keeps its buckets per process, shared by every server in it: a bucket name of our own.
-        url = f"s3://lf-objstore-{uuid.uuid4().hex[:12]}/c"
-        upload_tree(server.endpoint, str(small_cache), url)
-        opts = {"endpoint_url": server.endpoint, "config_kwargs": {"retries": {"max_attempts": 1}}}
-        yield server, url, opts
 
 
 def _batches(reader: CacheReader, n: int = 4, size: int = 6) -> list[tuple[tuple[int, int], np.ndarray]]:

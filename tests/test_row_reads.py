@@ -4,11 +4,7 @@ their own rows ahead (`row_memory.py`), one reader keeps whole files in the part
 
 from __future__ import annotations
 
-import uuid
-
 import numpy as np
-
-from latentforge.devkit.object_store import loopback_s3
 
 
 def test_row_memory_holds_claimed_rows_once_and_readers_wait_for_fetches_under_way():
@@ -45,45 +41,39 @@ def test_one_reader_reads_whole_files_several_read_only_their_rows():
     assert shard_window_reads(None, 64, 4, 8, 4, 16) == (0, 0, 0)
 
 
-def test_prefetched_rows_serve_the_read_without_requests_and_only_those_rows_are_fetched(small_cache, monkeypatch):
+def test_prefetched_rows_serve_the_read_without_requests_and_only_those_rows_are_fetched(small_cache, s3_cache):
     import torch
 
-    from latentforge.devkit.object_store import upload_tree
     from latentforge.shared.cache_reader import CacheReader
 
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
+    server, url, opts = s3_cache
     fields = ["latent_mean", "prompt_embeds", "pooled_prompt_embeds"]
-    with loopback_s3() as server:
-        url = f"s3://lf-rows-{uuid.uuid4().hex[:12]}/c"
-        upload_tree(server.endpoint, str(small_cache), url)
-        local, remote = CacheReader(str(small_cache)), CacheReader(url, {"endpoint_url": server.endpoint}, ahead_rows=64)
-        try:
-            bucket, count = max(local.bucket_counts().items(), key=lambda kv: kv[1])
-            rows = np.arange(0, count, 3)  # every third row: this worker's share
-            remote.read_rows(bucket, rows, fields=["pooled_prompt_embeds"])  # opens the cache, loads the small field
-            server.reset_stats()
-            remote.prefetch(bucket, rows, fields)
-            remote._rows._prefetcher.shutdown(wait=True)
-            remote._rows._prefetcher = None
-            fetched = server.reset_stats()
-            assert remote._rows.row_memory.fetched == len(rows) * 2  # the two per-row fields, once each
-            got = remote.read_rows(bucket, rows, fields=fields)
-            assert server.reset_stats().gets == []  # every row from memory
-            want = local.read_rows(bucket, rows, fields=fields)
-            for name in fields:
-                assert torch.equal(got[name], want[name]), name
-            # Only this worker's rows crossed the wire (a third of the rows, with gaps under 64 KiB merged),
-            # not the whole shard files: well under the files' bytes.
-            files = {ra.shard_file(s): ra.expected_sizes[ra.shard_file(s)[len(ra.rel) + 1:]]
-                     for ra in remote._rows._arrays.values() for s in ra.indexes}
-            shard_gets = [g for g in fetched.gets if "/c/0" in g]  # indexes and row ranges, not metadata
-            assert 1 <= len(shard_gets) <= 2 * len(rows) * 2
-            assert 0 < fetched.range_bytes < 0.6 * sum(files.values()), (fetched.range_bytes, files)
-        finally:
-            local.close()
-            remote.close()
+    local, remote = CacheReader(str(small_cache)), CacheReader(url, opts, ahead_rows=64)
+    try:
+        bucket, count = max(local.bucket_counts().items(), key=lambda kv: kv[1])
+        rows = np.arange(0, count, 3)  # every third row: this worker's share
+        remote.read_rows(bucket, rows, fields=["pooled_prompt_embeds"])  # opens the cache, loads the small field
+        server.reset_stats()
+        remote.prefetch(bucket, rows, fields)
+        remote._rows._prefetcher.shutdown(wait=True)
+        remote._rows._prefetcher = None
+        fetched = server.reset_stats()
+        assert remote._rows.row_memory.fetched == len(rows) * 2  # the two per-row fields, once each
+        got = remote.read_rows(bucket, rows, fields=fields)
+        assert server.reset_stats().gets == []  # every row from memory
+        want = local.read_rows(bucket, rows, fields=fields)
+        for name in fields:
+            assert torch.equal(got[name], want[name]), name
+        # Only this worker's rows crossed the wire (a third of the rows, with gaps under 64 KiB merged),
+        # not the whole shard files: well under the files' bytes.
+        files = {ra.shard_file(s): ra.expected_sizes[ra.shard_file(s)[len(ra.rel) + 1:]]
+                 for ra in remote._rows._arrays.values() for s in ra.indexes}
+        shard_gets = [g for g in fetched.gets if "/c/0" in g]  # indexes and row ranges, not metadata
+        assert 1 <= len(shard_gets) <= 2 * len(rows) * 2
+        assert 0 < fetched.range_bytes < 0.6 * sum(files.values()), (fetched.range_bytes, files)
+    finally:
+        local.close()
+        remote.close()
 
 
 def test_a_file_kept_in_parts_slices_like_the_whole_file():
@@ -114,34 +104,27 @@ def _read_in_child(url: str, opts: dict, bucket: tuple[int, int], rows: list[int
     reader.close()
 
 
-def test_a_worker_forked_after_the_parent_read_the_store_reads_it_too(small_cache, monkeypatch):
+def test_a_worker_forked_after_the_parent_read_the_store_reads_it_too(s3_cache):
     """DataLoader workers are forked from a process that has read the store (validation, the first epoch's
     workers): the S3 client must work in the child. obstore's Rust runtime does not (it hangs), which is
     why the reads stay with s3fs, whose event loop fsspec resets after a fork."""
     import multiprocessing as mp
 
-    from latentforge.devkit.object_store import upload_tree
     from latentforge.shared.cache_reader import CacheReader
 
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
-    with loopback_s3() as server:
-        url = f"s3://lf-fork-{uuid.uuid4().hex[:12]}/c"
-        upload_tree(server.endpoint, str(small_cache), url)
-        opts = {"endpoint_url": server.endpoint}
-        parent = CacheReader(url, opts)
-        bucket, count = max(parent.bucket_counts().items(), key=lambda kv: kv[1])
-        rows = list(range(min(count, 4)))
-        want = float(parent.read_rows(bucket, np.asarray(rows), fields=["latent_mean"])["latent_mean"].sum())
-        ctx = mp.get_context("fork")
-        out = ctx.Queue()
-        child = ctx.Process(target=_read_in_child, args=(url, opts, bucket, rows, out))
-        child.start()
-        child.join(60)
-        alive = child.is_alive()
-        if alive:
-            child.kill()
-        parent.close()
-        assert not alive, "a reader in a forked child hung"
-        assert child.exitcode == 0 and out.get(timeout=5) == want
+    _, url, opts = s3_cache
+    parent = CacheReader(url, opts)
+    bucket, count = max(parent.bucket_counts().items(), key=lambda kv: kv[1])
+    rows = list(range(min(count, 4)))
+    want = float(parent.read_rows(bucket, np.asarray(rows), fields=["latent_mean"])["latent_mean"].sum())
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_read_in_child, args=(url, opts, bucket, rows, out))
+    child.start()
+    child.join(60)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    parent.close()
+    assert not alive, "a reader in a forked child hung"
+    assert child.exitcode == 0 and out.get(timeout=5) == want
