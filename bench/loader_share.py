@@ -59,14 +59,14 @@ def loader_segment(trainer: Any, url: str, cfg: dict[str, Any], train: bool = Tr
     from latentforge.train.data import build_loader, shard_window_reads
     from latentforge.train.sampler import GlobalBucketSchedule, MicroBatchSampler
 
-    whole, ahead_rows, horizon = shard_window_reads(window, cfg["micro"], cfg["micro"], 1, cfg.get("workers", 0), read_ahead)
+    reads = shard_window_reads(window, cfg["micro"], cfg["micro"], 1, cfg.get("workers", 0), read_ahead)
     schedule = (GlobalBucketSchedule(trainer.samples.bucket_sizes, cfg["micro"], trainer.config.train.seed, window)
                 if window is not None else trainer.schedule)
     state = schedule.initial_state() if window is not None else trainer.state
-    dataset = CachedBatches(url, opts or {}, trainer.samples.train_rows, read_ahead, whole_shards=whole,
-                            ahead_rows=ahead_rows)
+    dataset = CachedBatches(url, opts or {}, trainer.samples.train_rows, reads.read_ahead,
+                            whole_shards=reads.whole_shards, ahead_rows=reads.ahead_rows)
     sampler = MicroBatchSampler(schedule, state, 0, 1, cfg["micro"])
-    loader = build_loader(dataset, sampler, trainer.config, horizon)
+    loader = build_loader(dataset, sampler, trainer.config, reads.horizon)
     steps = cfg["steps"] if steps is None else steps
     waits, totals = [], []
     t_start = time.perf_counter()

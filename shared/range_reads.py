@@ -3,12 +3,10 @@
 An object store answers each request after 20-50 ms whatever its size, so the reader must never ask for
 one row at a time and wait: the rows of a batch are sorted, neighbours (and near neighbours: reading a
 small gap costs less than another round trip) are merged into one range, and all ranges go out together
-through fsspec's `cat_ranges`, which s3fs and the http filesystem run concurrently on their event loop
-(`batch_size` bounds how many are in flight). Not obstore, though it moves twice the bytes per second of
-s3fs per process: its Rust runtime hangs in a forked child once the parent has used it, and DataLoader
-workers are forked (docs/benchmarks.md, "Object store"). Transient failures (throttling, 5xx, a dropped
-connection) are retried with exponential backoff; when they persist the read fails with one line naming
-the object. Local files never come here: they are mapped (`Storage.map_file`).
+(`Storage.cat_ranges`: S3 through `s3_ranges.py`'s kept-alive connections and reused buffers, other
+stores through fsspec's `cat_ranges` on its event loop), at most `in_flight` at once. Transient failures
+(throttling, 5xx, a dropped connection) are retried with exponential backoff; when they persist the read
+fails with one line naming the object. Local files never come here: they are mapped (`Storage.map_file`).
 """
 
 from __future__ import annotations
@@ -100,9 +98,8 @@ def read_spans(storage: Storage, spans: Sequence[Span], *, in_flight: int = IN_F
 def _cat_ranges(storage: Storage, spans: Sequence[Span], in_flight: int) -> list[bytes | memoryview | BaseException]:
     starts, ends = [s.start for s in spans], [s.end for s in spans]
     paths = [storage.path(s.file) for s in spans]
-    kwargs = {"batch_size": in_flight} if getattr(storage.fs, "async_impl", False) else {}
     try:
-        return list(storage.fs.cat_ranges(paths, starts, ends, on_error="return", **kwargs))
+        return storage.cat_ranges(paths, starts, ends, in_flight)
     except Exception as exc:  # a failure of the whole call (event loop, session): every span failed
         return [exc] * len(spans)
 

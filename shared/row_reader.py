@@ -185,9 +185,11 @@ class RowFieldReader:
         try:
             sizes = {}
             for groups, name, spec, gidx, local in jobs:
-                for gi, lr in {(int(g), int(r)) for g, r in zip(gidx, local, strict=True)}:
+                # The horizon's rows (hundreds) fall in a few files: find those without a pass per row.
+                shard_rows = self._row_array(groups[int(gidx[0])], name, spec).shard_rows if len(gidx) else 1
+                pairs = np.unique(np.stack([np.asarray(gidx, np.int64), np.asarray(local, np.int64) // shard_rows]), axis=1)
+                for gi, shard in pairs.T.tolist():
                     ra = self._row_array(groups[gi], name, spec)
-                    shard = lr // ra.shard_rows
                     sizes[ra.shard_file(shard)] = self._committed_size(ra, shard)
             self.shard_memory.get_many(sizes)
         except Exception:  # noqa: BLE001 - the read itself fetches again and reports a lasting failure

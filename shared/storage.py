@@ -56,6 +56,7 @@ class Storage:
         self.fs = fsspec.filesystem(protocol, **self.storage_options)
         self._map_lock = threading.Lock()
         self._maps: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._ranges: Any = None  # the S3 range client, made on first use (`cat_ranges`)
 
     def path(self, rel: str = "") -> str:
         return f"{self.url}/{rel}" if rel else self.url
@@ -215,6 +216,21 @@ class Storage:
             raise OSError(f"{self.path(rel)}: short read ({len(data)} of {length} bytes at {start}); file truncated?")
         return data
 
+    def cat_ranges(self, paths: list[str], starts: list[int], ends: list[int],
+                   in_flight: int) -> list[bytes | memoryview | BaseException]:
+        """Bytes `[start, end)` of each of `paths` (full URLs under this location), at most `in_flight`
+        requests at once; a failed request's exception in its place. S3 goes through `S3Ranges` (less
+        CPU per byte than s3fs's reads, `s3_ranges.py`) unless s3fs was set up in a way it cannot carry."""
+        if self._ranges is None:
+            from . import s3_ranges
+
+            s3 = self.url.split("://", 1)[0] in ("s3", "s3a")
+            self._ranges = s3_ranges.S3Ranges(self.fs) if s3 and s3_ranges.usable(self.fs) else False
+        if self._ranges:
+            return list(self._ranges.cat_ranges(paths, starts, ends, in_flight))
+        kwargs = {"batch_size": in_flight} if getattr(self.fs, "async_impl", False) else {}
+        return list(self.fs.cat_ranges(paths, starts, ends, on_error="return", **kwargs))
+
     def map_file(self, rel: str) -> np.ndarray:
         """A local file mapped read-only, as uint8: the reader decodes rows straight from the page cache
         into the batch instead of `pread`-ing each range into a new bytes object first (1.2x faster with
@@ -255,6 +271,7 @@ class Storage:
         state = self.__dict__.copy()
         state["_maps"] = OrderedDict()
         state["_map_lock"] = None
+        state["_ranges"] = None  # threads, connections and buffers are each process's own
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -177,12 +177,11 @@ def test_shard_memory_failure_is_one_line_and_leaves_no_caller_waiting():
 
     calls = []
 
-    def cat_ranges(paths, starts, ends, on_error):
+    def cat_ranges(paths, starts, ends, in_flight):
         calls.append(paths)
         return [FileNotFoundError("gone")] * len(paths)
 
-    storage = SimpleNamespace(fs=SimpleNamespace(cat_ranges=cat_ranges, async_impl=False),
-                              path=lambda rel: f"s3://b/c/{rel}")
+    storage = SimpleNamespace(cat_ranges=cat_ranges, path=lambda rel: f"s3://b/c/{rel}")
     memory = ShardMemory(storage, max_files=2)
     with pytest.raises(StorageReadError, match=r"^cannot read s3://b/c/shards/g/x \(FileNotFoundError: gone\)"):
         memory.get_many({"shards/g/x": 10})

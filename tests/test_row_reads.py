@@ -30,15 +30,16 @@ def test_row_memory_holds_claimed_rows_once_and_readers_wait_for_fetches_under_w
 
 
 def test_one_reader_reads_whole_files_several_read_only_their_rows():
-    from latentforge.train.data import shard_window_reads
+    from latentforge.train.data import WHOLE_FILE_READ_AHEAD, shard_window_reads
     from latentforge.train.shard_window import ShardWindow
 
     window = ShardWindow({(64, 64): np.zeros(4096, dtype=np.int64)}, shards=2, shard_rows=256)
-    whole, rows, horizon = shard_window_reads(window, 64, 4, 1, 0, 16)
-    assert (whole, rows, horizon) == (window.files_kept(64), 0, 128)
-    whole, rows, horizon = shard_window_reads(window, 64, 4, 8, 4, 16)
-    assert whole == 0 and horizon == 64 and rows == (2 * 64 + 16) * 4
-    assert shard_window_reads(None, 64, 4, 8, 4, 16) == (0, 0, 0)
+    # One reader: whole files, read from memory, so only a short read-ahead (more costs CPU, no waiting).
+    assert shard_window_reads(window, 64, 4, 1, 0, 16) == (window.files_kept(64), 0, 128, WHOLE_FILE_READ_AHEAD)
+    assert shard_window_reads(window, 64, 4, 1, 0, 1).read_ahead == 1
+    whole, rows, horizon, ahead = shard_window_reads(window, 64, 4, 8, 4, 16)
+    assert whole == 0 and horizon == 64 and rows == (2 * 64 + 16) * 4 and ahead == 16
+    assert shard_window_reads(None, 64, 4, 8, 4, 16) == (0, 0, 0, 16)
 
 
 def test_prefetched_rows_serve_the_read_without_requests_and_only_those_rows_are_fetched(small_cache, s3_cache):

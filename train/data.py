@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -181,22 +181,38 @@ def resolve_shuffle(config: Config, remote: bool) -> str:
     return mode
 
 
+WHOLE_FILE_READ_AHEAD = 2  # micro-batches read ahead by a worker that keeps whole shard files
+
+
+class WindowReads(NamedTuple):
+    """How a worker reads a remote cache in the shard-window order (`shard_window_reads`)."""
+
+    whole_shards: int  # shard files kept per field (`CachedBatches(whole_shards=...)`), 0: none
+    ahead_rows: int  # rows held ahead per field (`CachedBatches(ahead_rows=...)`), 0: none
+    horizon: int  # micro-batches whose reads are fetched in the background (`build_loader`)
+    read_ahead: int  # micro-batches read concurrently ahead (`CachedBatches(read_ahead=...)`)
+
+
 def shard_window_reads(window: ShardWindow | None, global_batch: int, micro: int, world: int, workers: int,
-                       read_ahead: int) -> tuple[int, int, int]:
-    """How a worker reads a remote cache in the shard-window order: (`whole_shards`, `ahead_rows`,
-    prefetch horizon in micro-batches) for `CachedBatches` and `build_loader`. One reader of a window
-    (one rank, at most one DataLoader worker) fetches its shard files whole: one request per file part,
-    and it reads every row of them. Several readers each fetch only their own rows' chunks: whole files
-    would make every one of them download every file, `world x workers` times the cache's bytes per epoch.
-    Rows are held one by one, not by file, so their reach may pass the window: at least 4 x `read_ahead`
-    micro-batches, so each row has arrived when the read-ahead asks for it."""
+                       read_ahead: int) -> WindowReads:
+    """How a worker reads a remote cache in the shard-window order. One reader of a window (one rank, at
+    most one DataLoader worker) fetches its shard files whole: one request per file part, and it reads
+    every row of them. Several readers each fetch only their own rows' chunks: whole files would make
+    every one of them download every file, `world x workers` times the cache's bytes per epoch. Rows are
+    held one by one, not by file, so their reach may pass the window: at least 4 x `read_ahead`
+    micro-batches, so each row has arrived when the read-ahead asks for it.
+
+    A reader of whole files reads from memory (the next window's files arrive while it serves the
+    current one), so it reads at most `WHOLE_FILE_READ_AHEAD` micro-batches ahead: each read-ahead thread
+    costs the worker CPU in interpreter-lock hand-offs (a local cache: 0.20 ms per sample read with none,
+    0.28 with 1, 0.31 with 2, 0.44 with 16; docs/benchmarks.md, "Object store")."""
     if window is None:
-        return 0, 0, 0
+        return WindowReads(0, 0, 0, read_ahead)
     horizon = window.horizon(global_batch, micro, world, workers)
     if world * max(1, workers) == 1:
-        return window.files_kept(global_batch), 0, horizon
+        return WindowReads(window.files_kept(global_batch), 0, horizon, min(read_ahead, WHOLE_FILE_READ_AHEAD))
     horizon = max(horizon, 4 * read_ahead)
-    return 0, (2 * horizon + read_ahead) * micro, horizon
+    return WindowReads(0, (2 * horizon + read_ahead) * micro, horizon, read_ahead)
 
 
 def shard_window_for(reader: CacheReader, train_rows: Mapping[tuple[int, int], np.ndarray], shards: int) -> ShardWindow:
@@ -210,8 +226,8 @@ def build_loader(dataset: CachedBatches, sampler: MicroBatchSampler, config: Con
     with `dataset.read_ahead`, each worker also keeps that many of its next micro-batches in flight, and
     fetches the shard files of its next `horizon` ones (shard-window order)."""
     workers = config.train.num_workers
-    items: Any = (ReadAheadSampler(sampler, workers, dataset.read_ahead, horizon) if dataset.read_ahead
-                  else sampler)
+    items: Any = (ReadAheadSampler(sampler, workers, dataset.read_ahead, horizon)
+                  if dataset.read_ahead or horizon else sampler)
     return DataLoader(
         dataset, sampler=items, batch_size=None, num_workers=workers,
         prefetch_factor=config.train.prefetch_factor if workers else None,

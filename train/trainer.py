@@ -185,13 +185,14 @@ class Trainer:
         stop = min(t.max_steps, until) if until is not None else t.max_steps
         ahead = t.read_ahead if t.read_ahead is not None else (0 if self.cache.storage.is_local else 16)
         copies = (t.read_through_dir, int(t.read_through_gb * 1e9)) if t.read_through_dir else None
-        whole, ahead_rows, horizon = shard_window_reads(self.schedule.shard_window, self.global_batch,
-                                                        t.micro_batch_size, self.dist.world, t.num_workers, ahead)
-        dataset = CachedBatches(self.cache.url, dict(self.config.cache.storage_options), self.samples.train_rows, ahead,
-                                copies, control=t.controlnet.enabled, item_sources=self.samples.item_sources,
-                                whole_shards=whole, ahead_rows=ahead_rows)
+        reads = shard_window_reads(self.schedule.shard_window, self.global_batch, t.micro_batch_size,
+                                   self.dist.world, t.num_workers, ahead)
+        dataset = CachedBatches(self.cache.url, dict(self.config.cache.storage_options), self.samples.train_rows,
+                                reads.read_ahead, copies, control=t.controlnet.enabled,
+                                item_sources=self.samples.item_sources, whole_shards=reads.whole_shards,
+                                ahead_rows=reads.ahead_rows)
         sampler = MicroBatchSampler(self.schedule, self.state, self.dist.rank, self.dist.world, t.micro_batch_size)
-        batches = iter(build_loader(dataset, sampler, self.config, horizon))
+        batches = iter(build_loader(dataset, sampler, self.config, reads.horizon))
         if t.validation_every:  # before any training: at step 0 this renders the base model's row
             self._check_base_row()
         bar = _progress(self.dist.is_main, self.step, t.max_steps)
