@@ -84,8 +84,8 @@ class RowFieldReader:
         self.row_memory = row_memory  # object stores: this worker's coming rows, fetched ahead (`row_memory.py`)
         self._arrays: dict[tuple[str, str, str], _RowArray] = {}
         self._prefetcher: ThreadPoolExecutor | None = None  # one thread: whole-file prefetches, in order
-        self._newest: Sequence[tuple[Sequence[str], str, FieldSpec, np.ndarray, np.ndarray]] | None = None
-        self._newest_lock = threading.Lock()
+        self._queued: list[tuple[Sequence[str], str, FieldSpec, np.ndarray, np.ndarray]] = []
+        self._queued_lock = threading.Lock()
 
     def read(self, groups: Sequence[str], name: str, spec: FieldSpec, gidx: np.ndarray, local: np.ndarray,
              out: np.ndarray) -> None:
@@ -161,18 +161,17 @@ class RowFieldReader:
             return
         if self._prefetcher is None:
             self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lf-shard-prefetch")
-        # Only the newest request matters: each names the worker's rows up to its horizon, so it covers what
-        # older ones still need. Working through every queued one would cost, per micro-batch read, a pass
-        # over the whole horizon's rows (CPU the decode needs) and, for rows, a round trip for a micro-batch's
-        # worth of new ones: one micro-batch per round trip, far behind the reader.
-        with self._newest_lock:
-            queued, self._newest = self._newest is not None, jobs
-        if not queued:
-            self._prefetcher.submit(self._prefetch_newest)
+        # Requests that arrive while a prefetch runs are served together by the next one: one round trip for
+        # all of them, not one per micro-batch's worth of rows (far behind the reader).
+        with self._queued_lock:
+            running = bool(self._queued)
+            self._queued.extend(jobs)
+        if not running:
+            self._prefetcher.submit(self._prefetch_queued)
 
-    def _prefetch_newest(self) -> None:
-        with self._newest_lock:
-            jobs, self._newest = self._newest, None
+    def _prefetch_queued(self) -> None:
+        with self._queued_lock:
+            jobs, self._queued = self._queued, []
         if not jobs:
             return
         if self.row_memory is not None:

@@ -11,6 +11,7 @@ one batched read of the cache (rows of one bucket, coalesced) rather than one re
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -118,6 +119,7 @@ class CachedBatches(Dataset):
         self.whole_shards, self.ahead_rows = whole_shards, ahead_rows
         self._reader: CacheReader | None = None  # opened lazily in each worker process
         self._ahead: ReadAheadReader[MicroBatch] | None = None
+        self._prefetched: OrderedDict[MicroBatch, None] = OrderedDict()  # asked for already (`_prefetch`)
 
     def reader(self) -> CacheReader:
         if self._reader is None:
@@ -139,12 +141,18 @@ class CachedBatches(Dataset):
         return self._read(item)
 
     def _prefetch(self, later: tuple[MicroBatch, ...]) -> None:
+        # `later` moves on by one micro-batch per read: ask only for those not asked for yet, or every read
+        # would pay again for the whole horizon's rows (hundreds), ~0.1 ms of CPU per sample read.
+        new = [mb for mb in later if mb not in self._prefetched]
+        self._prefetched.update(dict.fromkeys(new))
+        while len(self._prefetched) > 2 * len(later):
+            self._prefetched.popitem(last=False)
         by_bucket: dict[tuple[int, int], list[int]] = {}
-        for mb in later:
+        for mb in new:
             by_bucket.setdefault((int(mb.bucket[0]), int(mb.bucket[1])), []).extend(mb.items)
         reader = self.reader()
         for bucket, items in by_bucket.items():
-            rows = np.unique(self.rows[bucket][np.asarray(items, dtype=np.int64)])
+            rows = np.unique(self.rows[bucket][np.asarray(items, dtype=np.int64)])  # several fields' items once
             reader.prefetch(bucket, rows, [f.name for f in reader.spec.fields if f.name in self.wanted])
 
     def _read(self, mb: MicroBatch) -> dict[str, Any]:
