@@ -6,9 +6,11 @@ answering each request, on its own thread per request, as a remote store does (2
 measured for S3/R2 from another region or a busy bucket). One DataLoader worker's work is timed:
 `CachedBatches` (the trainer's dataset) reading one epoch of micro-batches of one bucket as the trainer does
 for a remote cache: the shard-window order (`train.shuffle: shard_window`), read as
-`train.data.shard_window_reads` sets it up (one reader: whole shard files kept in memory, the next window's
-prefetched; one of several readers: only its own rows, fetched ahead), read-ahead 16. The rate is taken from
-the end of the first window (the steady state). Beside it: the global order (random rows, one ranged GET
+`train.data.shard_window_reads` sets it up (one reader: whole shard files kept in memory, the coming
+windows' prefetched, read-ahead 2; one of several readers: only its own rows, fetched ahead, read-ahead 16).
+The rate is taken from the end of the first window (the steady state); for the one reader, of its second
+epoch in the same process (this cache's epoch is 4 windows, a real one hundreds: receive buffers are
+reused from the fourth window on), the first epoch's rate given apart. Beside it: the global order (random rows, one ranged GET
 per row, shard indexes fetched in a warm-up pass as a worker does once) with and without read-ahead, and
 with `train.read_through_dir` copies warm; CPU per sample of the worker and of the store; bytes fetched.
 
@@ -50,10 +52,11 @@ def _plan(n: int, micro: int, batches: int, seed: int) -> list[Any]:
 
 
 def window_plan(cache: str, n: int, micro: int, shards: int, seed: int, readers: int = 1,
-                ahead: int = 0) -> tuple[list[Any], Any]:
+                ahead: int = 0) -> tuple[list[Any], Any, int]:
     """One epoch of the shard-window order (`train.shuffle: shard_window`) for the first of `readers`
     ranks (one worker each), and how it reads as the trainer sets it (`train.data.shard_window_reads`:
-    whole shard files kept per field, rows held ahead per field, prefetch horizon, read-ahead)."""
+    whole shard files kept per field, rows held ahead per field, prefetch horizon, read-ahead), and the
+    micro-batches of a window."""
     from latentforge.shared.cache_reader import CacheReader
     from latentforge.train.data import shard_window_for, shard_window_reads
     from latentforge.train.sampler import GlobalBucketSchedule
@@ -63,7 +66,8 @@ def window_plan(cache: str, n: int, micro: int, shards: int, seed: int, readers:
     reader.close()
     sched = GlobalBucketSchedule({SDXL_BUCKET: n}, micro * readers, seed, window)
     plan = list(itertools.islice(sched.micro_batches(sched.initial_state(), 0, readers, micro), sched.steps_per_epoch))
-    return plan, shard_window_reads(window, micro * readers, micro, readers, 0, ahead)
+    return (plan, shard_window_reads(window, micro * readers, micro, readers, 0, ahead),
+            window.horizon(micro * readers, micro, readers, 0))
 
 
 class Pass(NamedTuple):
@@ -79,7 +83,7 @@ class Pass(NamedTuple):
 
 def worker_samples_per_s(url: str, opts: dict[str, Any], n: int, plan: list[Any], ahead: int,
                          read_through: tuple[str, int] | None = None, whole_shards: int = 0,
-                         server: Any = None, horizon: int = 0, ahead_rows: int = 0) -> Pass:
+                         server: Any = None, horizon: int = 0, ahead_rows: int = 0, first_window: int = 0) -> Pass:
     """One worker's samples/s through `CachedBatches` over `plan`. Ranged reads first take a warm-up pass
     over every shard index (and, with `read_through`, wait until the shard files touched in it have been
     copied), as a worker does once; shard-window reads (`whole_shards`, `ahead_rows`) take none: the
@@ -109,7 +113,7 @@ def worker_samples_per_s(url: str, opts: dict[str, Any], n: int, plan: list[Any]
         server.reset_stats()
     # Micro-batches of the first window, fetched with nothing to overlap (an epoch too short for a steady
     # state, the smoke size, is timed whole).
-    skip = min(horizon, len(items) - 1) if windowed and len(items) >= 2 * horizon else 0
+    skip = min(first_window, len(items) - 1) if windowed and len(items) >= 2 * first_window else 0
     store_clock = getattr(server, "cpu_seconds", None)
     store_cpu = store_clock() if store_clock is not None else None
     cpu = time.process_time()
@@ -143,7 +147,7 @@ def run(size: str, workdir: Path) -> dict[str, Any]:
     # Local: the global order (train.shuffle: auto on a local disk), one epoch of micro-batches.
     local_pass = worker_samples_per_s(str(cache), {}, n, _plan(n, micro, n // micro, 1), 0)
     local, local_cpu_per_sample = local_pass.samples_per_s, local_pass.worker_cpu_s / n
-    local_window_plan, local_reads = window_plan(str(cache), n, micro, cfg["window_shards"], 5)
+    local_window_plan, local_reads, _ = window_plan(str(cache), n, micro, cfg["window_shards"], 5)
     local_window = worker_samples_per_s(str(cache), {}, n, local_window_plan, 0).samples_per_s
     readers = cfg["readers"]
     remote: dict[str, dict[str, float]] = {}
@@ -156,19 +160,21 @@ def run(size: str, workdir: Path) -> dict[str, Any]:
             # This cache's epoch is 4 windows, too short for a real epoch's steady state (hundreds of windows),
             # in which the worker's receive buffers (`shared/recv_buffers.py`) are reused from the fourth on:
             # a first epoch warms them (its rate reported apart), the next, in the same process, is timed.
-            plan, reads = window_plan(str(cache), n, micro, cfg["window_shards"], 8, 1, cfg["ahead"])
+            plan, reads, first = window_plan(str(cache), n, micro, cfg["window_shards"], 8, 1, cfg["ahead"])
             cold = worker_samples_per_s("s3://bench/cache", opts, n, plan, reads.read_ahead,
-                                        whole_shards=reads.whole_shards, server=server, horizon=reads.horizon)
+                                        whole_shards=reads.whole_shards, server=server, horizon=reads.horizon,
+                                        first_window=first)
             gc.collect()  # the first epoch's reader is gone: its buffers are free to be reused
-            plan, reads = window_plan(str(cache), n, micro, cfg["window_shards"], 2, 1, cfg["ahead"])
+            plan, reads, first = window_plan(str(cache), n, micro, cfg["window_shards"], 2, 1, cfg["ahead"])
             whole_pass = worker_samples_per_s("s3://bench/cache", opts, n, plan, reads.read_ahead,
-                                              whole_shards=reads.whole_shards, server=server, horizon=reads.horizon)
+                                              whole_shards=reads.whole_shards, server=server, horizon=reads.horizon,
+                                              first_window=first)
             window, wstats, wstart = whole_pass.samples_per_s, whole_pass.stats, whole_pass.first_batch_s
             # One of `readers` ranks: only its own rows, fetched ahead (no whole files: no repeated bytes).
-            rplan, rreads = window_plan(str(cache), n, micro, cfg["window_shards"], 7, readers, cfg["ahead"])
+            rplan, rreads, rfirst = window_plan(str(cache), n, micro, cfg["window_shards"], 7, readers, cfg["ahead"])
             shared, rstats, rstart, _, _ = worker_samples_per_s("s3://bench/cache", opts, n, rplan, rreads.read_ahead,
                                                                 server=server, horizon=rreads.horizon,
-                                                                ahead_rows=rreads.ahead_rows)
+                                                                ahead_rows=rreads.ahead_rows, first_window=rfirst)
             ranged = _plan(n, micro, cfg["batches"], 3)
             global_order, gstats, *_ = worker_samples_per_s("s3://bench/cache", opts, n, ranged, cfg["ahead"],
                                                             server=server)

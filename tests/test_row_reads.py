@@ -35,7 +35,9 @@ def test_one_reader_reads_whole_files_several_read_only_their_rows():
 
     window = ShardWindow({(64, 64): np.zeros(4096, dtype=np.int64)}, shards=2, shard_rows=256)
     # One reader: whole files, read from memory, so only a short read-ahead (more costs CPU, no waiting).
-    assert shard_window_reads(window, 64, 4, 1, 0, 16) == (window.files_kept(64), 0, 128, WHOLE_FILE_READ_AHEAD)
+    # (a window and a half ahead, three windows' files kept).
+    assert shard_window_reads(window, 64, 4, 1, 0, 16) == (window.files_kept(64, 3), 0, 192, WHOLE_FILE_READ_AHEAD)
+    assert window.files_kept(64, 3) == 3 * 512 // 256 + 2
     assert shard_window_reads(window, 64, 4, 1, 0, 1).read_ahead == 1
     whole, rows, horizon, ahead = shard_window_reads(window, 64, 4, 8, 4, 16)
     assert whole == 0 and horizon == 64 and rows == (2 * 64 + 16) * 4 and ahead == 16

@@ -5,7 +5,7 @@ from an object store pays one request (20-50 ms, and CPU) per row. Like WebDatas
 shuffles the *shard files* instead, lays their rows out file after file, then shuffles rows within
 consecutive *windows* of about `shards` files' rows. A worker then needs about `shards + 1` files
 at a time, fetches each with one request (the next window's while it serves the current one) and
-serves many micro-batches from memory (`shared/shard_memory.py` keeps two windows' files).
+serves many micro-batches from memory (`shared/shard_memory.py` keeps the files of a few windows).
 
 Windows are cut at global-batch boundaries of the epoch pool (the carry from the previous epoch comes
 first, so the first window is shorter by the carry), so every global batch lies inside one window and
@@ -49,11 +49,11 @@ class ShardWindow:
         """Items per window: about `shards` files' rows, a whole number (>= 1) of global batches."""
         return max(1, -(-self.shards * self.shard_rows // global_batch)) * global_batch
 
-    def files_kept(self, global_batch: int) -> int:
-        """Shard files (per field) a worker keeps in memory (`CachedBatches(whole_shards=...)`): those two
-        windows' batches can touch (the current one and the next, prefetched): their items over a file's
-        rows, plus a partial file at each end."""
-        return -(-2 * self.window_items(global_batch) // self.shard_rows) + 2
+    def files_kept(self, global_batch: int, windows: int = 2) -> int:
+        """Shard files (per field) a worker keeps in memory (`CachedBatches(whole_shards=...)`): those
+        `windows` windows' batches can touch (the current one and those prefetched): their items over a
+        file's rows, plus a partial file at each end."""
+        return -(-windows * self.window_items(global_batch) // self.shard_rows) + 2
 
     def horizon(self, global_batch: int, micro: int, world: int, workers: int) -> int:
         """Micro-batches one DataLoader worker reads per window: how far ahead it prefetches files."""
