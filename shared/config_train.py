@@ -251,4 +251,4 @@ class TrainConfig(_Section):
         "shard_window when cache.path is on an object store and no source sets a weight, else global.")
     shuffle_window_shards: int = Field(
         default=2, ge=1, description="shuffle: shard_window: shard files per window. More mixes rows of more files "
-        "but each DataLoader worker keeps about 2 x this + 2 shard files per field in memory (two windows).")
+        "but a worker reading whole files keeps about 3 x this + 2 shard files per field in memory (three windows).")
