@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -388,3 +389,25 @@ def test_bad_blocks_are_one_line_config_errors(blocks):
     with pytest.raises(ConfigError, match="train.controlnet: blocks") as err:
         load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml", [f"train.controlnet.blocks={blocks}"])
     assert "\n" not in str(err.value)
+
+
+def test_a_hub_file_that_cannot_be_fetched_is_one_line_naming_the_key(monkeypatch):
+    """`train.controlnet.pretrained: owner/repo/path.safetensors`: whatever the hub client raises (a missing
+    file is not an OSError, nor is a dropped connection) becomes one config error line."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from latentforge.shared.config import ConfigError
+    from latentforge.train.cascade_controlnet_adapter import build_controlnet
+
+    def missing(repo_id: str, filename: str, **_: object) -> str:
+        raise EntryNotFoundError(f"404 Client Error.\n\nEntry Not Found for url: https://huggingface.co/{repo_id}/{filename}")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", missing)
+    config = SimpleNamespace(train=SimpleNamespace(controlnet=SimpleNamespace(
+        pretrained="stabilityai/stable-cascade/controlnet/nope.safetensors", backbone_config=None, blocks=None)))
+    with pytest.raises(ConfigError) as info:
+        build_controlnet(config, "canny", SimpleNamespace(config=SimpleNamespace(block_out_channels=[32])))
+    msg = str(info.value)
+    assert msg.startswith("config error: train.controlnet.pretrained: stabilityai/stable-cascade/controlnet/nope"
+                          ".safetensors: cannot fetch it from the hub (EntryNotFoundError: 404") and "\n" not in msg

@@ -155,7 +155,12 @@ def _resolve(source: str) -> Path:
     if len(parts) >= 3 and source.endswith(".safetensors"):
         from huggingface_hub import hf_hub_download
 
-        return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
+        try:
+            return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:])))
+        except Exception as exc:  # noqa: BLE001 - the hub client's errors are not all OSErrors (a missing file, no network)
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise OSError(f"{source}: cannot fetch it from the hub ({type(exc).__name__}: {first}); check the repo and "
+                          "path, set HF_TOKEN for a gated repo, or give a local file") from None
     raise FileNotFoundError(f"{source}: no such file or folder, and not OWNER/REPO/PATH.safetensors on the hub")
 
 
