@@ -99,10 +99,10 @@ def test_a_file_kept_in_parts_slices_like_the_whole_file():
     same()
 
 
-def _read_in_child(url: str, opts: dict, bucket: tuple[int, int], rows: list[int], out) -> None:
+def _read_in_child(url: str, opts: dict, bucket: tuple[int, int], rows: list[int], out, inherited=None) -> None:
     from latentforge.shared.cache_reader import CacheReader
 
-    reader = CacheReader(url, opts)
+    reader = inherited or CacheReader(url, opts)  # inherited: the parent's reader, its S3 client's state with it
     out.put(float(reader.read_rows(bucket, np.asarray(rows), fields=["latent_mean"])["latent_mean"].sum()))
     reader.close()
 
@@ -121,13 +121,14 @@ def test_a_worker_forked_after_the_parent_read_the_store_reads_it_too(s3_cache):
     rows = list(range(min(count, 4)))
     want = float(parent.read_rows(bucket, np.asarray(rows), fields=["latent_mean"])["latent_mean"].sum())
     ctx = mp.get_context("fork")
-    out = ctx.Queue()
-    child = ctx.Process(target=_read_in_child, args=(url, opts, bucket, rows, out))
-    child.start()
-    child.join(60)
-    alive = child.is_alive()
-    if alive:
-        child.kill()
+    for inherited in (None, parent):  # a reader of its own; the parent's (threads and connections made anew)
+        out = ctx.Queue()
+        child = ctx.Process(target=_read_in_child, args=(url, opts, bucket, rows, out, inherited))
+        child.start()
+        child.join(60)
+        alive = child.is_alive()
+        if alive:
+            child.kill()
+        assert not alive, "a reader in a forked child hung"
+        assert child.exitcode == 0 and out.get(timeout=5) == want
     parent.close()
-    assert not alive, "a reader in a forked child hung"
-    assert child.exitcode == 0 and out.get(timeout=5) == want
