@@ -184,8 +184,10 @@ class RowFieldReader:
         try:
             sizes = {}
             for groups, name, spec, gidx, local in jobs:
-                # The horizon's rows (hundreds) fall in a few files: find those without a pass per row.
-                shard_rows = self._row_array(groups[int(gidx[0])], name, spec).shard_rows if len(gidx) else 1
+                if not len(gidx):
+                    continue
+                # The rows asked for fall in a few files: find those without a pass per row.
+                shard_rows = self._row_array(groups[int(gidx[0])], name, spec).shard_rows  # the same for every group
                 pairs = np.unique(np.stack([np.asarray(gidx, np.int64), np.asarray(local, np.int64) // shard_rows]), axis=1)
                 for gi, shard in pairs.T.tolist():
                     ra = self._row_array(groups[gi], name, spec)

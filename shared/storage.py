@@ -227,7 +227,7 @@ class Storage:
             s3 = self.url.split("://", 1)[0] in ("s3", "s3a")
             self._ranges = s3_ranges.S3Ranges(self.fs) if s3 and s3_ranges.usable(self.fs) else False
         if self._ranges:
-            return list(self._ranges.cat_ranges(paths, starts, ends, in_flight))
+            return self._ranges.cat_ranges(paths, starts, ends, in_flight)
         kwargs = {"batch_size": in_flight} if getattr(self.fs, "async_impl", False) else {}
         return list(self.fs.cat_ranges(paths, starts, ends, on_error="return", **kwargs))
 

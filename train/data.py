@@ -152,7 +152,7 @@ class CachedBatches(Dataset):
             by_bucket.setdefault((int(mb.bucket[0]), int(mb.bucket[1])), []).extend(mb.items)
         reader = self.reader()
         for bucket, items in by_bucket.items():
-            rows = np.unique(self.rows[bucket][np.asarray(items, dtype=np.int64)])  # several fields' items once
+            rows = np.unique(self.rows[bucket][np.asarray(items, dtype=np.int64)])
             reader.prefetch(bucket, rows, [f.name for f in reader.spec.fields if f.name in self.wanted])
 
     def _read(self, mb: MicroBatch) -> dict[str, Any]:
